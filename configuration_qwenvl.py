@@ -1,0 +1,213 @@
+"""Configuration for qwenvl: Qwen2.5-VL and Qwen2-VL in one set of classes.
+
+The two families differ only by switches in `QwenVLVisionConfig`:
+
+| switch                  | Qwen2.5-VL              | Qwen2-VL                   |
+|-------------------------|-------------------------|----------------------------|
+| `norm_type`             | "rmsnorm"               | "layernorm"                |
+| `gated_mlp`             | True (SwiGLU with bias) | False (fc1 -> act -> fc2)  |
+| `fullatt_block_indexes` | e.g. [7, 15, 23, 31]    | None (every layer is full) |
+| `tokens_per_second`     | 2 (absolute video time) | None (frame index)         |
+
+Both official config.json shapes are read: the hub's flat text fields with
+`rope_scaling={"type": "mrope", ...}` and transformers 5's nested `text_config`
+with `rope_parameters`; Qwen2-VL's vision naming (`embed_dim`, `mlp_ratio`, `hidden_size`
+meaning the merger's output) is recognised by the presence of `embed_dim`.
+"""
+
+from transformers import PretrainedConfig
+
+
+class QwenVLVisionConfig(PretrainedConfig):
+    model_type = "qwenvl_vision"
+    base_config_key = "vision_config"
+
+    def __init__(
+        self,
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        in_channels=3,
+        patch_size=14,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        out_hidden_size=3584,
+        hidden_act="silu",
+        norm_type="rmsnorm",
+        gated_mlp=True,
+        window_size=112,
+        fullatt_block_indexes=(7, 15, 23, 31),
+        tokens_per_second=2,
+        rope_theta=10000.0,
+        initializer_range=0.02,
+        **kwargs,
+    ):
+        if "embed_dim" in kwargs:  # Qwen2-VL naming: hidden_size is the merger's output there
+            out_hidden_size = hidden_size
+            hidden_size = kwargs.pop("embed_dim")
+            intermediate_size = int(hidden_size * kwargs.pop("mlp_ratio", 4))
+            hidden_act = kwargs.pop("hidden_act", "quick_gelu")
+            norm_type, gated_mlp = "layernorm", False
+            window_size, fullatt_block_indexes, tokens_per_second = None, None, None
+        in_channels = kwargs.pop("in_chans", in_channels)
+        for name in ("spatial_patch_size", "model_type", "rope_parameters", "mlp_ratio"):
+            kwargs.pop(name, None)
+        super().__init__(**kwargs)
+        self.depth = depth
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_heads = num_heads
+        self.in_channels = in_channels
+        self.patch_size = patch_size
+        self.temporal_patch_size = temporal_patch_size
+        self.spatial_merge_size = spatial_merge_size
+        self.out_hidden_size = out_hidden_size
+        self.hidden_act = hidden_act
+        self.norm_type = norm_type
+        self.gated_mlp = gated_mlp
+        self.window_size = window_size
+        self.fullatt_block_indexes = list(fullatt_block_indexes) if fullatt_block_indexes is not None else None
+        self.tokens_per_second = tokens_per_second
+        self.rope_theta = rope_theta
+        self.initializer_range = initializer_range
+        self._validate()
+
+    def _validate(self):
+        if self.norm_type not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"vision_config.norm_type must be 'rmsnorm' or 'layernorm', got {self.norm_type!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"vision_config.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if (self.hidden_size // self.num_heads) % 4:
+            raise ValueError("the vision head size must be divisible by 4 (2-D rotary: half for h, half for w)")
+        if self.fullatt_block_indexes is not None:
+            if not self.window_size:
+                raise ValueError("fullatt_block_indexes is set, so window_size must be a positive number of pixels")
+            window_tokens, rest = divmod(self.window_size, self.patch_size * self.spatial_merge_size)
+            if rest or window_tokens < 1:
+                raise ValueError(
+                    f"window_size ({self.window_size}) must be a positive multiple of "
+                    f"patch_size * spatial_merge_size ({self.patch_size * self.spatial_merge_size})"
+                )
+            bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+            if bad:
+                raise ValueError(f"fullatt_block_indexes {bad} are outside the {self.depth} vision blocks")
+
+    @property
+    def uses_window_attention(self):
+        return self.fullatt_block_indexes is not None
+
+
+class QwenVLConfig(PretrainedConfig):
+    """The whole model: Qwen2 language-model fields (flat, as in the hub files) plus `vision_config`.
+
+    Defaults are Qwen2.5-VL-7B's. Any official config.json, either family and either shape,
+    can be passed as keyword arguments (that is what `from_pretrained` does).
+    """
+
+    model_type = "qwenvl"
+    sub_configs = {"vision_config": QwenVLVisionConfig}
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(self, vision_config=None, **kwargs):
+        text = dict(TEXT_DEFAULTS)
+        text.update(_official_text_fields(kwargs))
+        text.update({name: kwargs.pop(name) for name in TEXT_DEFAULTS if name in kwargs})
+        for name, value in text.items():
+            setattr(self, name, value)
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.mrope_section = list(self.mrope_section)
+        if isinstance(vision_config, dict):
+            vision_config = QwenVLVisionConfig(**vision_config)
+        self.vision_config = vision_config if vision_config is not None else QwenVLVisionConfig()
+        kwargs.setdefault("bos_token_id", 151643)
+        kwargs.setdefault("eos_token_id", 151645)
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+        self._validate()
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    def _validate(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})"
+            )
+        if len(self.mrope_section) != 3 or 2 * sum(self.mrope_section) != self.head_dim:
+            raise ValueError(
+                f"mrope_section {self.mrope_section} must have 3 parts (temporal, height, width) summing to half "
+                f"the attention head size ({self.head_dim} // 2 = {self.head_dim // 2})"
+            )
+
+    def get_text_config(self, *args, **kwargs):
+        return self
+
+
+# The language model's fields and their defaults (Qwen2.5-VL-7B).
+TEXT_DEFAULTS = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    hidden_act="silu",
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    mrope_section=[16, 24, 24],
+    attention_dropout=0.0,
+    initializer_range=0.02,
+    use_cache=True,
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+)
+
+
+def _official_text_fields(kwargs):
+    """Pop the official shapes' text settings out of `kwargs`, under our flat names.
+
+    Reads a nested `text_config` (transformers 5) and `rope_scaling` / `rope_parameters`
+    (which hold `mrope_section` and `rope_theta`); drops the sliding-window fields, which
+    the official models leave disabled.
+    """
+    fields = {}
+    text_config = kwargs.pop("text_config", None)
+    if text_config is not None:
+        text_config = text_config if isinstance(text_config, dict) else text_config.to_dict()
+        for key, value in text_config.items():
+            if key in TEXT_DEFAULTS or key in ("rope_scaling", "rope_parameters", "use_sliding_window"):
+                fields[key] = value
+            elif key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+                kwargs.setdefault(key, value)
+    for key in ("rope_scaling", "rope_parameters", "use_sliding_window"):
+        if key in kwargs:
+            fields[key] = kwargs.pop(key)
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = fields.pop(key, None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("mrope", "default"):
+            raise ValueError(f"rope type {rope_type!r} is not supported by qwenvl (only M-RoPE)")
+        for name in ("mrope_section", "rope_theta"):
+            if name in rope:
+                fields[name] = rope[name]
+    if fields.pop("use_sliding_window", False):
+        raise ValueError("use_sliding_window=True is not supported: the official models use full causal attention")
+    for key in ("sliding_window", "max_window_layers", "layer_types", "model_type"):
+        kwargs.pop(key, None)
+    return fields
+
+
+QwenVLConfig.register_for_auto_class()

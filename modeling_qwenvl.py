@@ -1,0 +1,989 @@
+"""qwenvl: Qwen2.5-VL and Qwen2-VL as one readable, single-file model.
+
+The data flows top to bottom through this file:
+
+    pixels -> patches (patch_embed) -> window order (get_window_index) -> vision blocks
+    (packed attention over cu_seqlens) -> merger (2x2 -> 1) -> raster order
+    -> scattered into the text embeddings -> M-RoPE positions (get_rope_index)
+    -> Qwen2 decoder -> logits
+
+The two families differ only by the switches of `QwenVLVisionConfig` (norm, MLP, window
+layers, video time scaling). Shapes use N = patches, M = N / 4 merged tokens, B = batch,
+L = sequence length, H = heads, D = head size.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:  # optional: varlen kernel for the vision tower on GPUs
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+try:  # as remote code, the files form a package; from a checkout, they are plain modules
+    from .configuration_qwenvl import QwenVLConfig, QwenVLVisionConfig
+except ImportError:
+    from configuration_qwenvl import QwenVLConfig, QwenVLVisionConfig
+
+# ---------------------------------------------------------------------------------------
+# Where transformers versions differ (4.57 and 5.x), and nowhere else.
+# 5.x passes the KV cache to `forward` as `cache=` and reads it back from `outputs.cache`;
+# 4.x uses `past_key_values` for both.
+CACHE_NAME = (
+    "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values"
+)
+# Official hub files (saved by transformers 4.49-4.51) put the language model at `model.*`
+# and the vision tower at `visual.*`; `from_pretrained(key_mapping=...)` works on 4.57 and 5.x.
+HUB_KEY_MAPPING = {
+    r"^visual\.": "model.visual.",
+    r"^model\.(?!visual\.|language_model\.)": "model.language_model.",
+}
+# 5.x saves weights back in the layout they were loaded from unless told otherwise.
+SAVES_ORIGINAL_FORMAT = "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+# ---------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(norm_type, dim):
+    return RMSNorm(dim, eps=1e-6) if norm_type == "rmsnorm" else nn.LayerNorm(dim, eps=1e-6)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+# =======================================================================================
+# Vision tower
+# =======================================================================================
+
+
+class PatchEmbed(nn.Module):
+    """One linear map per row of `pixel_values` (a Conv3d with kernel = stride, kept as Conv3d
+    so checkpoints load; computed as a matmul, which is the same maths and faster)."""
+
+    def __init__(self, config):
+        super().__init__()
+        kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
+        self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel, stride=kernel, bias=False)
+
+    def forward(self, pixel_values):  # [N, C*T*P*P] -> [N, hidden]
+        weight = self.proj.weight.view(self.proj.out_channels, -1)
+        return pixel_values.to(weight.dtype) @ weight.t()
+
+
+def patch_hw_positions(grid_thw, merge_size):
+    """(h, w) of every patch, in the merge order of `pixel_values` (t, h/m, w/m, m, m). -> [N, 2]"""
+    positions = []
+    for t, h, w in grid_thw.tolist():
+        hpos = torch.arange(h).view(h // merge_size, merge_size, 1, 1).expand(-1, -1, w // merge_size, merge_size)
+        wpos = torch.arange(w).view(1, 1, w // merge_size, merge_size).expand(h // merge_size, merge_size, -1, -1)
+        hw = torch.stack([hpos.transpose(1, 2).flatten(), wpos.transpose(1, 2).flatten()], dim=-1)
+        positions.append(hw.repeat(t, 1))
+    return torch.cat(positions)
+
+
+def vision_rotary_tables(config, grid_thw, device):
+    """cos and sin of the 2-D rotary embedding, one row per patch. -> 2 x [N, D] float32
+
+    Half of each head's frequencies rotate with the patch row, half with the column."""
+    head_dim = config.hidden_size // config.num_heads
+    quarter = torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)
+    inv_freq = 1.0 / (config.rope_theta**quarter)
+    hw = patch_hw_positions(grid_thw, config.spatial_merge_size).to(device)
+    table = torch.arange(int(grid_thw[:, 1:].max()), device=device, dtype=torch.float)[:, None] * inv_freq.to(device)
+    angles = table[hw].flatten(1)  # [N, D/2]: h frequencies then w frequencies
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def get_window_index(grid_thw, window_size, spatial_merge_size, patch_size):
+    """Order merged tokens window by window, and delimit the windows.
+
+    A window is `window_size` pixels square, i.e. `window_size // (patch_size * merge)` merged
+    tokens per side; windows never cross a frame. Returns `window_index` [M] (for each slot in
+    window order, the raster index of the merged token there) and `cu_window_seqlens` (window
+    boundaries counted in patches, starting at 0)."""
+    tokens_per_side = window_size // spatial_merge_size // patch_size
+    window_index, window_sizes, offset = [], [], 0
+    for t, h, w in grid_thw.tolist():
+        mh, mw = h // spatial_merge_size, w // spatial_merge_size
+        windows_per_row = mw // tokens_per_side + 1  # the official layout pads even an exact fit
+        windows_per_col = mh // tokens_per_side + 1
+        frame = torch.arange(t).view(t, 1, 1)
+        row = torch.arange(mh).view(1, mh, 1) // tokens_per_side
+        col = torch.arange(mw).view(1, 1, mw) // tokens_per_side
+        window_id = ((frame * windows_per_col + row) * windows_per_row + col).flatten()
+        window_index.append(torch.argsort(window_id, stable=True) + offset)
+        counts = torch.bincount(window_id, minlength=t * windows_per_col * windows_per_row)
+        window_sizes.append(counts[counts > 0])
+        offset += t * mh * mw
+    window_sizes = torch.cat(window_sizes) * spatial_merge_size**2
+    cu_window_seqlens = F.pad(window_sizes.cumsum(0), (1, 0))
+    return torch.cat(window_index), cu_window_seqlens
+
+
+def frame_seqlens(grid_thw):
+    """Boundaries of every frame of every image or video, in patches (full attention segments)."""
+    per_frame = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    return F.pad(per_frame.cumsum(0), (1, 0))
+
+
+def segment_runs(cu_seqlens):
+    """Group consecutive segments of equal length: [(start, count, length)], so that
+    attention runs once per group (as a batch) instead of once per segment."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    runs, start = [], 0
+    for length in lengths:
+        if runs and runs[-1][2] == length and runs[-1][0] + runs[-1][1] * length == start:
+            runs[-1][1] += 1
+        else:
+            runs.append([start, 1, length])
+        start += length
+    return [tuple(run) for run in runs]
+
+
+# Eager attention materialises scores; this bounds them (elements) per call.
+EAGER_SCORE_BUDGET = 1 << 25
+
+
+def packed_attention(q, k, v, runs, implementation, training_dropout=0.0):
+    """Bidirectional attention inside each segment of a packed sequence. q, k, v: [N, H, D]."""
+    if implementation == "flash_attention_2":
+        return flash_varlen_attention(q, k, v, runs)
+    out = torch.empty_like(q)
+    scale = q.shape[-1] ** -0.5
+    for start, count, length in runs:
+        end = start + count * length
+        # [count, H, length, D]: each segment of the group is one batch entry
+        qs, ks, vs = (x[start:end].view(count, length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+        if implementation == "eager":
+            o = eager_segment_attention(qs, ks, vs, scale)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=training_dropout)
+        out[start:end] = o.transpose(1, 2).reshape(end - start, *q.shape[1:])
+    return out
+
+
+def eager_segment_attention(q, k, v, scale):
+    """softmax(q k^T / sqrt(D)) v in float32, in query chunks so that no more than
+    EAGER_SCORE_BUDGET scores exist at once. q, k, v: [n, H, L, D]."""
+    n, heads, length, _ = q.shape
+    chunk = max(1, EAGER_SCORE_BUDGET // (n * heads * length))
+    outputs = []
+    for q_chunk in (q * scale).split(chunk, dim=2):
+        scores = q_chunk @ k.transpose(-1, -2)
+        outputs.append(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v)
+    return torch.cat(outputs, dim=2)
+
+
+def flash_varlen_attention(q, k, v, runs):
+    if flash_attn_varlen_func is None:
+        raise ImportError('attn_implementation="flash_attention_2" needs the flash-attn package: pip install flash-attn')
+    lengths = [length for _, count, length in runs for _ in range(count)]
+    cu_seqlens = F.pad(torch.tensor(lengths, device=q.device).cumsum(0), (1, 0)).to(torch.int32)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max(lengths), max(lengths))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.config = config
+
+    def forward(self, x, runs, cos, sin):  # x: [N, hidden]
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1).unbind(1)
+        q, k = apply_vision_rotary(q, k, cos, sin)
+        out = packed_attention(q, k, v, runs, self.config._attn_implementation)
+        return self.proj(out.flatten(1))
+
+
+def apply_vision_rotary(q, k, cos, sin):
+    """Rotate q and k ([N, H, D]) in float32, as the official model does."""
+    cos, sin = cos[:, None], sin[:, None]
+    rotated = [(x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype) for x in (q, k)]
+    return rotated[0], rotated[1]
+
+
+class VisionMLP(nn.Module):
+    """Qwen2.5-VL: SwiGLU with bias (gate/up/down). Qwen2-VL: fc1 -> QuickGELU -> fc2."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gated = config.gated_mlp
+        self.act = ACT2FN[config.hidden_act]
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
+            self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
+            self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
+        else:
+            self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
+            self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = make_norm(config.norm_type, config.hidden_size)
+        self.norm2 = make_norm(config.norm_type, config.hidden_size)
+        self.attn = VisionAttention(config)
+        self.mlp = VisionMLP(config)
+
+    def forward(self, x, runs, cos, sin):
+        x = x + self.attn(self.norm1(x), runs, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """Norm each patch, concatenate each 2x2 group, project to the language model's width."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.group_dim = config.hidden_size * config.spatial_merge_size**2
+        self.ln_q = make_norm(config.norm_type, config.hidden_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.group_dim, self.group_dim), nn.GELU(), nn.Linear(self.group_dim, config.out_hidden_size)
+        )
+
+    def forward(self, x):  # [N, hidden] -> [M, out_hidden]
+        return self.mlp(self.ln_q(x).view(-1, self.group_dim))
+
+
+class QwenVLPreTrainedModel(PreTrainedModel):
+    config_class = QwenVLConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer", "VisionBlock"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _supports_cache_class = True
+
+    def _init_weights(self, module):
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, (nn.Linear, nn.Conv3d)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+class QwenVLVisionModel(QwenVLPreTrainedModel):
+    """pixel_values [N, 3*2*14*14] + grid_thw [images, 3] -> merged tokens [M, out_hidden] in raster order."""
+
+    config_class = QwenVLVisionConfig
+    main_input_name = "pixel_values"
+    _no_split_modules = ["VisionBlock"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.spatial_merge_size = config.spatial_merge_size
+        self.patch_embed = PatchEmbed(config)
+        self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
+        self.merger = PatchMerger(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, pixel_values, grid_thw):
+        config = self.config
+        grid_thw = check_grid_thw(grid_thw, pixel_values, config)
+        x = self.patch_embed(pixel_values)
+        cos, sin = vision_rotary_tables(config, grid_thw, x.device)
+        full_runs = segment_runs(frame_seqlens(grid_thw))
+        if config.uses_window_attention:
+            window_index, cu_window_seqlens = get_window_index(
+                grid_thw, config.window_size, config.spatial_merge_size, config.patch_size
+            )
+            window_index = window_index.to(x.device)
+            x, cos, sin = (to_window_order(t, window_index) for t in (x, cos, sin))
+            window_runs = segment_runs(cu_window_seqlens)
+        for i, block in enumerate(self.blocks):
+            use_window = config.uses_window_attention and i not in config.fullatt_block_indexes
+            runs = window_runs if use_window else full_runs
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(block.__call__, x, runs, cos, sin)
+            else:
+                x = block(x, runs, cos, sin)
+        merged = self.merger(x)
+        if config.uses_window_attention:
+            merged = merged[inverse_permutation(window_index)]
+        return merged
+
+
+def to_window_order(x, window_index):
+    """Reorder rows of x ([N, ...]) by whole 2x2 groups, following window_index ([M])."""
+    groups = x.view(window_index.shape[0], -1, *x.shape[1:])
+    return groups[window_index].flatten(0, 1)
+
+
+def inverse_permutation(index):
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.shape[0], device=index.device)
+    return inverse
+
+
+def check_grid_thw(grid_thw, pixel_values, config):
+    """Refuse grids that cannot describe `pixel_values`, before they turn into shape errors."""
+    if not isinstance(grid_thw, torch.Tensor):
+        raise TypeError(f"grid_thw must be a torch.Tensor of shape [n, 3], got {type(grid_thw).__name__}")
+    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3 or grid_thw.shape[0] == 0:
+        raise ValueError(f"grid_thw must have shape [n, 3] with n >= 1, got {tuple(grid_thw.shape)}")
+    if grid_thw.is_floating_point():
+        raise TypeError(f"grid_thw must hold integers, got {grid_thw.dtype}")
+    grid_thw = grid_thw.cpu()
+    if (grid_thw <= 0).any():
+        raise ValueError(f"grid_thw entries must be positive, got {grid_thw.tolist()}")
+    merge = config.spatial_merge_size
+    if (grid_thw[:, 1:] % merge).any():
+        raise ValueError(
+            f"grid heights and widths must be divisible by spatial_merge_size={merge}, got {grid_thw.tolist()}"
+        )
+    row_size = config.in_channels * config.temporal_patch_size * config.patch_size**2
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 2 or pixel_values.shape[1] != row_size:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(f"pixel values must have shape [patches, {row_size}], got {shape}")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel values must be floating point, got {pixel_values.dtype}")
+    patches = int(grid_thw.prod(-1).sum())
+    if patches != pixel_values.shape[0]:
+        raise ValueError(
+            f"grid_thw {grid_thw.tolist()} describes {patches} patches but pixel values have {pixel_values.shape[0]}"
+        )
+    return grid_thw
+
+
+# =======================================================================================
+# Positions: where each token sits in (time, height, width)
+# =======================================================================================
+
+
+def get_rope_index(
+    config, input_ids=None, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
+    attention_mask=None, mm_token_type_ids=None,
+):
+    """M-RoPE positions by the official rule (DESIGN.md 2.9). -> ([3, B, L], rope_deltas [B, 1])
+
+    Text tokens get (p, p, p). A vision span starting at p gets (p + t', p + h, p + w) over its
+    merged grid, t' being the frame index (Qwen2-VL, images) or
+    long(t * second_per_grid_ts * tokens_per_second) in float32 (Qwen2.5-VL videos). After a
+    span, text continues at the maximum position so far + 1. Padding is skipped, so a padded
+    sample gets the positions it would get alone."""
+    token_types = mm_token_type_ids if mm_token_type_ids is not None else token_types_of(config, input_ids)
+    batch, length = token_types.shape
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(token_types, dtype=torch.bool)
+    spans = {1: VisionSpans(image_grid_thw, None, "image"), 2: VisionSpans(video_grid_thw, second_per_grid_ts, "video")}
+    position_ids = torch.zeros(3, batch, length, dtype=torch.long)
+    rope_deltas = torch.zeros(batch, 1, dtype=torch.long)
+    for b in range(batch):
+        types = token_types[b][valid[b]].cpu()
+        pieces, next_pos = [], 0
+        for kind, run_length in runs_of(types):
+            if kind == 0:
+                pieces.append(torch.arange(next_pos, next_pos + run_length).expand(3, -1))
+                next_pos += run_length
+                continue
+            while run_length > 0:
+                grid, seconds = spans[kind].take(run_length)
+                pieces.append(vision_positions(config, grid, seconds if kind == 2 else None) + next_pos)
+                next_pos = int(pieces[-1].max()) + 1
+                run_length -= pieces[-1].shape[1]
+        sample = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
+        position_ids[:, b, valid[b].cpu()] = sample
+        rope_deltas[b] = next_pos - sample.shape[1]
+    for vision in spans.values():
+        vision.check_all_used()
+    return position_ids.to(token_types.device), rope_deltas.to(token_types.device)
+
+
+def token_types_of(config, input_ids):
+    """0 for text, 1 for image placeholders, 2 for video placeholders."""
+    if input_ids is None:
+        raise ValueError("positions with images or videos need input_ids or mm_token_type_ids")
+    return (input_ids == config.image_token_id).long() + 2 * (input_ids == config.video_token_id).long()
+
+
+def runs_of(types):
+    """[(kind, length)] for each maximal run of equal token types."""
+    change = torch.nonzero(types[1:] != types[:-1]).flatten() + 1
+    bounds = [0, *change.tolist(), types.shape[0]]
+    return [(int(types[s]), e - s) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+
+
+class VisionSpans:
+    """Hands out the grids of one modality in order, checking them against the placeholders."""
+
+    def __init__(self, grid_thw, second_per_grid_ts, name):
+        self.grids = grid_thw.tolist() if grid_thw is not None else []
+        self.seconds = second_per_grid_ts.tolist() if isinstance(second_per_grid_ts, torch.Tensor) else second_per_grid_ts
+        self.name, self.used = name, 0
+
+    def take(self, run_length):
+        if self.used == len(self.grids):
+            raise ValueError(
+                f"the text has more <|{self.name}_pad|> tokens than the {len(self.grids)} {self.name}(s) given in "
+                f"{self.name}_grid_thw"
+            )
+        grid = self.grids[self.used]
+        tokens = grid[0] * grid[1] * grid[2] // 4
+        if tokens > run_length:
+            raise ValueError(
+                f"{self.name} {self.used} has grid {grid} ({tokens} tokens) but its placeholder span has only "
+                f"{run_length} <|{self.name}_pad|> tokens; was the text truncated or edited?"
+            )
+        seconds = self.seconds[self.used] if self.seconds is not None else 1.0
+        self.used += 1
+        return grid, seconds
+
+    def check_all_used(self):
+        if self.used != len(self.grids):
+            raise ValueError(
+                f"{len(self.grids)} {self.name}(s) given in {self.name}_grid_thw but the text has placeholders for "
+                f"{self.used}"
+            )
+
+
+def vision_positions(config, grid, second_per_grid_t):
+    """Positions of one image or video relative to its start. -> [3, t*h*w/4]"""
+    merge = config.vision_config.spatial_merge_size
+    t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+    frame = torch.arange(t)
+    tokens_per_second = config.vision_config.tokens_per_second
+    if second_per_grid_t is not None and tokens_per_second is not None:
+        time = torch.arange(t, dtype=torch.float32) * torch.tensor(second_per_grid_t, dtype=torch.float32)
+        frame = (time * tokens_per_second).long()
+    return torch.stack(
+        [
+            frame.view(t, 1, 1).expand(t, h, w),
+            torch.arange(h).view(1, h, 1).expand(t, h, w),
+            torch.arange(w).view(1, 1, w).expand(t, h, w),
+        ]
+    ).flatten(1)
+
+
+def text_positions(attention_mask, past_length, new_length, rope_deltas, device):
+    """Positions of text tokens appended after a cached prefix. -> [3, B, new_length]"""
+    if attention_mask is not None:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_length:]
+    else:
+        positions = torch.arange(past_length, past_length + new_length, device=device)[None]
+    return (positions.to(device) + rope_deltas.to(device)).unsqueeze(0).expand(3, -1, -1)
+
+
+# =======================================================================================
+# Language model: Qwen2 decoder with M-RoPE
+# =======================================================================================
+
+
+class MultimodalRotaryEmbedding(nn.Module):
+    """cos/sin for M-RoPE: the head's frequency pairs are split by `mrope_section` into
+    temporal, height and width parts, each turned by its own axis of position_ids."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        # a plain list, not a buffer: models are built on the meta device when loading
+        self.axis_of_frequency = [axis for axis, size in enumerate(config.mrope_section) for _ in range(size)]
+
+    def forward(self, position_ids, dtype):  # position_ids: [3, B, L] -> 2 x [B, L, D]
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+        axis = torch.tensor(self.axis_of_frequency, device=position_ids.device)
+        positions = position_ids.permute(1, 2, 0).float()[..., axis]
+        angles = positions * inv_freq.to(position_ids.device)
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(q, k, cos, sin):  # q, k: [B, H, L, D]; cos, sin: [B, L, D]
+    cos, sin = cos[:, None], sin[:, None]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def causal_mask(attention_mask, past_length, new_length, implementation):
+    """Boolean mask [B, 1, new, past+new] (True = attend), or None where none is needed.
+
+    Each query may always see itself, so rows of padding never become all-masked (that
+    gives NaN, which then leaks through zero attention weights)."""
+    if implementation == "flash_attention_2":
+        return attention_mask
+    all_valid = attention_mask is None or bool(attention_mask.all())
+    if all_valid and (new_length == 1 or (past_length == 0 and implementation == "sdpa")):
+        return None
+    device = attention_mask.device if attention_mask is not None else None
+    keys = torch.arange(past_length + new_length, device=device)
+    queries = torch.arange(past_length, past_length + new_length, device=device)
+    mask = (keys[None, :] <= queries[:, None])[None, None]
+    if not all_valid:
+        mask = mask & attention_mask.bool()[:, None, None, -keys.shape[0]:]
+        mask = mask | (keys[None, :] == queries[:, None])[None, None]
+    return mask
+
+
+def eager_attention(module, q, k, v, mask, scaling, dropout=0.0, **kwargs):
+    """Attention written out, for `attn_implementation="eager"`. q: [B, H, L, D], k/v: [B, Hkv, S, D]."""
+    k = k.repeat_interleave(module.num_key_value_groups, dim=1)
+    v = v.repeat_interleave(module.num_key_value_groups, dim=1)
+    scores = (q * scaling) @ k.transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif q.shape[2] > 1:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1 + k.shape[2] - q.shape[2]), float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return (weights @ v).transpose(1, 2), weights
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with q/k/v bias; any transformers attention backend by name."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, **kwargs):  # x: [B, L, hidden]
+        batch, length, _ = x.shape
+        q, k, v = (
+            proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        q, k = apply_rotary(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        implementation = self.config._attn_implementation
+        attend = eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        dropout = self.config.attention_dropout if self.training else 0.0
+        out, _ = attend(self, q, k, v, mask, scaling=self.scaling, dropout=dropout, **kwargs)
+        return self.o_proj(out.reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, **kwargs):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, **kwargs)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class QwenVLTextModel(QwenVLPreTrainedModel):
+    """The Qwen2 decoder: embeddings [B, L, hidden] + positions [3, B, L] -> hidden states."""
+
+    _no_split_modules = ["DecoderLayer"]
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MultimodalRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None, **kwargs):
+        past_length = cache.get_seq_length() if cache is not None else 0
+        x = inputs_embeds
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        mask = causal_mask(attention_mask, past_length, x.shape[1], self.config._attn_implementation)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(layer.__call__, x, cos, sin, mask, cache)
+            else:
+                x = layer(x, cos, sin, mask, cache, **kwargs)
+        return self.norm(x)
+
+
+# =======================================================================================
+# The whole model
+# =======================================================================================
+
+
+# transformers' own output classes name the cache field as the installed version expects.
+@dataclass
+class QwenVLModelOutput(BaseModelOutputWithPast):
+    rope_deltas: torch.Tensor | None = None  # [B, 1]: cached decoding continues at position + rope_deltas
+
+
+@dataclass
+class QwenVLCausalLMOutput(CausalLMOutputWithPast):
+    rope_deltas: torch.Tensor | None = None
+
+
+class QwenVLModel(QwenVLPreTrainedModel):
+    """Vision tower + language model: input ids and pixels -> final hidden states."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.visual = QwenVLVisionModel(config.vision_config)
+        self.language_model = QwenVLTextModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.language_model.embed_tokens = value
+
+    def get_image_features(self, pixel_values, image_grid_thw):
+        """Merged vision tokens of each image. -> tuple of [tokens_i, hidden]"""
+        return self._vision_features(pixel_values, image_grid_thw)
+
+    def get_video_features(self, pixel_values_videos, video_grid_thw):
+        return self._vision_features(pixel_values_videos, video_grid_thw)
+
+    def _vision_features(self, pixel_values, grid_thw):
+        merged = self.visual(pixel_values, grid_thw)
+        sizes = (grid_thw.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
+        return merged.split(sizes)
+
+    def get_rope_index(
+        self, input_ids=None, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
+        attention_mask=None, mm_token_type_ids=None, **kwargs,
+    ):
+        return get_rope_index(
+            self.config, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
+            mm_token_type_ids,
+        )
+
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+        inputs_embeds=None, use_cache=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None,
+        video_grid_thw=None, second_per_grid_ts=None, mm_token_type_ids=None, rope_deltas=None, **kwargs,
+    ):
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            check_input_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            inputs_embeds = self.scatter_vision(input_ids, inputs_embeds, pixel_values, image_grid_thw, "image")
+        if pixel_values_videos is not None:
+            inputs_embeds = self.scatter_vision(input_ids, inputs_embeds, pixel_values_videos, video_grid_thw, "video")
+
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache and cache is None and not self.training:
+            cache = DynamicCache()
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids, rope_deltas = self.positions(
+                input_ids, inputs_embeds, attention_mask, past_length, image_grid_thw, video_grid_thw,
+                second_per_grid_ts, mm_token_type_ids, rope_deltas,
+            )
+        elif position_ids.dim() == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        hidden = self.language_model(inputs_embeds, position_ids, attention_mask, cache, **kwargs)
+        return QwenVLModelOutput(last_hidden_state=hidden, rope_deltas=rope_deltas, **{CACHE_NAME: cache})
+
+    def scatter_vision(self, input_ids, inputs_embeds, pixel_values, grid_thw, kind):
+        """Replace each <|image_pad|> (or <|video_pad|>) embedding, in order, by one vision token."""
+        if grid_thw is None:
+            raise ValueError(f"{kind} pixel values were given without {kind}_grid_thw")
+        if input_ids is None:
+            raise ValueError(f"{kind} pixel values need input_ids to find the <|{kind}_pad|> placeholders")
+        features = torch.cat(self._vision_features(pixel_values, grid_thw))
+        token_id = self.config.image_token_id if kind == "image" else self.config.video_token_id
+        placeholders = input_ids == token_id
+        count = int(placeholders.sum())
+        if count != features.shape[0]:
+            raise ValueError(
+                f"{kind} features and {kind} tokens do not match: the text has {count} <|{kind}_pad|> tokens but "
+                f"{kind}_grid_thw gives {features.shape[0]} merged tokens; each {kind} needs t*h*w/4 placeholders"
+            )
+        return inputs_embeds.masked_scatter(placeholders[..., None], features.to(inputs_embeds))
+
+    def positions(
+        self, input_ids, inputs_embeds, attention_mask, past_length, image_grid_thw, video_grid_thw,
+        second_per_grid_ts, mm_token_type_ids, rope_deltas,
+    ):
+        """M-RoPE positions of the new tokens and the rope_deltas that continue them."""
+        new_length = inputs_embeds.shape[1]
+        if past_length == 0:
+            if input_ids is None and mm_token_type_ids is None:
+                if image_grid_thw is not None or video_grid_thw is not None:
+                    raise ValueError("with inputs_embeds and images or videos, pass position_ids or mm_token_type_ids")
+                zeros = torch.zeros(inputs_embeds.shape[0], 1, dtype=torch.long, device=inputs_embeds.device)
+                return text_positions(attention_mask, 0, new_length, zeros, inputs_embeds.device), zeros
+            return self.get_rope_index(
+                input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, mm_token_type_ids
+            )
+        if rope_deltas is None:
+            raise ValueError(
+                "continuing from a non-empty cache needs rope_deltas (returned by the call that filled the cache) "
+                "or explicit position_ids: earlier images shift the positions of later text"
+            )
+        return text_positions(attention_mask, past_length, new_length, rope_deltas, inputs_embeds.device), rope_deltas
+
+
+def check_input_ids(input_ids, vocab_size):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [batch, length] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    if input_ids.is_floating_point():
+        raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
+
+
+class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
+    """QwenVLModel + the vocabulary head; generate() with images and videos."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_rep"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = QwenVLModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Also loads the official hub layout (`model.layers.*`, `visual.*`), renamed on the fly."""
+        kwargs.setdefault("key_mapping", HUB_KEY_MAPPING)
+        return super().from_pretrained(*args, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        """Always writes the canonical layout (`model.language_model.*`, `model.visual.*`, `lm_head.*`)."""
+        if SAVES_ORIGINAL_FORMAT:
+            kwargs.setdefault("save_original_format", False)
+        self.config.auto_map = dict(AUTO_MAP)  # a saved directory loads with every Auto class
+        return super().save_pretrained(*args, **kwargs)
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values, image_grid_thw):
+        return self.model.get_image_features(pixel_values, image_grid_thw)
+
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+        inputs_embeds=None, labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None,
+        image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None, mm_token_type_ids=None,
+        rope_deltas=None, logits_to_keep=0, num_items_in_batch=None, **kwargs,
+    ):
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+            mm_token_type_ids=mm_token_type_ids, rope_deltas=rope_deltas, **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = next_token_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        return QwenVLCausalLMOutput(
+            loss=loss, logits=logits, rope_deltas=outputs.rope_deltas, **{CACHE_NAME: getattr(outputs, CACHE_NAME)}
+        )
+
+    # -- generation: positions, and which pixels each step needs ---------------------------
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, rope_deltas=None, **kwargs):
+        """Positions are computed here, from the whole sequence, so nothing carries over between
+        `generate` calls; the first step of a call also encodes only the images whose
+        placeholders are not already in the cache (a new image in a later turn)."""
+        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+        cache = inputs.get(CACHE_NAME)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        new_length = (inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]).shape[1]
+        if past_length > 0 and rope_deltas is not None:  # decoding: only new text tokens
+            inputs["position_ids"] = text_positions(attention_mask, past_length, new_length, rope_deltas, input_ids.device)
+            for name in VISION_INPUTS:
+                inputs.pop(name, None)
+        else:
+            position_ids, rope_deltas = self.model.get_rope_index(
+                input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"),
+                kwargs.get("second_per_grid_ts"), attention_mask,
+            )
+            inputs["position_ids"] = position_ids[:, :, -new_length:]
+            inputs.update(vision_inputs_after(self.config, input_ids, past_length, kwargs))
+        inputs["rope_deltas"] = rope_deltas
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["rope_deltas"] = outputs.rope_deltas
+        return model_kwargs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and num_return_sequences repeat each sample; pixel rows belong to samples
+        by their placeholders, not by row, so they are repeated per sample here."""
+        vision = {name: model_kwargs.pop(name) for name in VISION_INPUTS if model_kwargs.get(name) is not None}
+        if expand_size > 1 and vision:
+            vision = expand_vision_inputs(self.config, input_ids, vision, expand_size)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update(vision)
+        return input_ids, model_kwargs
+
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_qwenvl.QwenVLConfig",
+    "AutoModel": "modeling_qwenvl.QwenVLModel",
+    "AutoModelForImageTextToText": "modeling_qwenvl.QwenVLForConditionalGeneration",
+}
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+MODALITIES = (
+    ("image", "pixel_values", "image_grid_thw", None),
+    ("video", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),
+)
+
+
+def next_token_loss(logits, labels, num_items_in_batch=None):
+    """Cross-entropy of each position predicting the next token; labels of -100 are ignored."""
+    logits = logits[:, :-1].flatten(0, 1).float()
+    targets = labels[:, 1:].flatten().to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, targets, ignore_index=-100)
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
+
+
+def spans_per_sample(config, input_ids, token_id):
+    """How many images (or videos) each sample holds: placeholder runs start after <|vision_start|>."""
+    starts = (input_ids[:, 1:] == token_id) & (input_ids[:, :-1] == config.vision_start_token_id)
+    return starts.sum(-1).tolist()
+
+
+def rows_of_items(grid_thw):
+    """Start and end row of each item's patches in the packed pixel tensor."""
+    ends = grid_thw.prod(-1).cumsum(0).tolist()
+    return list(zip([0, *ends[:-1]], ends))
+
+
+def vision_inputs_after(config, input_ids, past_length, kwargs):
+    """The vision inputs of the items whose placeholders lie after the cached prefix."""
+    if past_length == 0:
+        return {name: kwargs[name] for name in VISION_INPUTS if kwargs.get(name) is not None}
+    selected = {name: None for name in VISION_INPUTS}
+    for kind, pixels_name, grid_name, seconds_name in MODALITIES:
+        grid = kwargs.get(grid_name)
+        if grid is None or kwargs.get(pixels_name) is None:
+            continue
+        token_id = config.image_token_id if kind == "image" else config.video_token_id
+        cached = spans_per_sample(config, input_ids[:, :past_length], token_id)
+        total = spans_per_sample(config, input_ids, token_id)
+        keep, first = [], 0
+        for n_cached, n_total in zip(cached, total):
+            keep.extend(range(first + n_cached, first + n_total))
+            first += n_total
+        if not keep:
+            continue
+        rows = rows_of_items(grid)
+        selected[pixels_name] = torch.cat([kwargs[pixels_name][slice(*rows[i])] for i in keep])
+        selected[grid_name] = grid[keep]
+        if seconds_name and kwargs.get(seconds_name) is not None:
+            selected[seconds_name] = torch.as_tensor(kwargs[seconds_name])[keep]
+    return selected
+
+
+def expand_vision_inputs(config, input_ids, vision, expand_size):
+    """Repeat each sample's vision items expand_size times, sample by sample."""
+    expanded = dict(vision)
+    for kind, pixels_name, grid_name, seconds_name in MODALITIES:
+        grid = vision.get(grid_name)
+        if grid is None:
+            continue
+        token_id = config.image_token_id if kind == "image" else config.video_token_id
+        order, first = [], 0
+        for count in spans_per_sample(config, input_ids, token_id):
+            order.extend(list(range(first, first + count)) * expand_size)
+            first += count
+        if pixels_name in vision:
+            rows = rows_of_items(grid)
+            expanded[pixels_name] = torch.cat([vision[pixels_name][slice(*rows[i])] for i in order])
+        expanded[grid_name] = grid[order]
+        if seconds_name in vision:
+            expanded[seconds_name] = torch.as_tensor(vision[seconds_name])[order]
+    return expanded
+
+
+__all__ = [
+    "QwenVLPreTrainedModel",
+    "QwenVLVisionModel",
+    "QwenVLTextModel",
+    "QwenVLModel",
+    "QwenVLForConditionalGeneration",
+    "get_window_index",
+    "get_rope_index",
+]
+
+
+QwenVLModel.register_for_auto_class("AutoModel")
+QwenVLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
