@@ -834,8 +834,11 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
         inputs_embeds=None, labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None,
         image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None, mm_token_type_ids=None,
-        rope_deltas=None, logits_to_keep=0, num_items_in_batch=None, **kwargs,
+        rope_deltas=None, logits_to_keep=0, num_items_in_batch=None, labelled_logits_only=False, **kwargs,
     ):
+        """With `labels`, returns the next-token loss. `labelled_logits_only=True` sends only the
+        positions that have a label through the vocabulary head (the same loss, much less work
+        when few tokens are supervised); the returned logits are then [labelled positions, vocab]."""
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -843,11 +846,15 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
             mm_token_type_ids=mm_token_type_ids, rope_deltas=rope_deltas, **kwargs,
         )
-        hidden = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        loss = next_token_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        hidden, loss = outputs.last_hidden_state, None
+        if labels is not None:
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100).to(hidden.device)  # each position predicts the next
+            if labelled_logits_only:
+                hidden, targets = hidden[targets != -100], targets[targets != -100]
+            logits = self.lm_head(hidden)
+            loss = token_loss(logits, targets, num_items_in_batch)
+        else:
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return QwenVLCausalLMOutput(
             loss=loss, logits=logits, rope_deltas=outputs.rope_deltas, **{CACHE_NAME: getattr(outputs, CACHE_NAME)}
         )
@@ -906,10 +913,10 @@ MODALITIES = (
 )
 
 
-def next_token_loss(logits, labels, num_items_in_batch=None):
-    """Cross-entropy of each position predicting the next token; labels of -100 are ignored."""
-    logits = logits[:, :-1].flatten(0, 1).float()
-    targets = labels[:, 1:].flatten().to(logits.device)
+def token_loss(logits, targets, num_items_in_batch=None):
+    """Cross-entropy in float32; targets of -100 are ignored. With `num_items_in_batch` (gradient
+    accumulation in Trainer) the sum is divided by the whole batch's count of labelled tokens."""
+    logits, targets = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
     if num_items_in_batch is None:
         return F.cross_entropy(logits, targets, ignore_index=-100)
     return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch

@@ -1,0 +1,327 @@
+"""Train the small embedded qwenvl model from scratch on synthetic visual questions, on the CPU.
+
+The model keeps the real architecture (window attention with full-attention layers, the 2x2
+merger, M-RoPE, the real Qwen tokenizer and chat template); it is only small. Training uses
+transformers' Trainer. Two things make it fast enough for 2 CPU cores:
+- the loss is a softmax over the answer vocabulary plus random negatives from the whole
+  vocabulary, computed only at supervised positions (the shipped model answers with the full
+  vocabulary: the negatives teach it to keep every other token low);
+- only the embedding rows of tokens that occur in the synthetic data are trained, as a small
+  separate table, merged back into the full (tied) embedding at the end.
+
+Usage: python examples/train_tiny.py [--output-dir DIR] [--steps N] [--seed S] ...
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
+
+import synthetic_tasks as tasks  # noqa: E402
+from configuration_qwenvl import QwenVLConfig  # noqa: E402
+from modeling_qwenvl import QwenVLForConditionalGeneration  # noqa: E402
+from processing_qwenvl import QwenVLProcessor  # noqa: E402
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_qwenvl.QwenVLConfig",
+    "AutoModel": "modeling_qwenvl.QwenVLModel",
+    "AutoModelForImageTextToText": "modeling_qwenvl.QwenVLForConditionalGeneration",
+}
+
+
+def embedded_config():
+    """Qwen2.5-VL family with the real vocabulary; small enough to train on 2 CPU cores."""
+    config = QwenVLConfig(
+        vocab_size=151936, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, mrope_section=[4, 6, 6], tie_word_embeddings=True, max_position_embeddings=32768,
+        vision_config=dict(
+            depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=128,
+            fullatt_block_indexes=[1, 3], window_size=112, tokens_per_second=2,
+        ),
+    )
+    config.architectures = ["QwenVLForConditionalGeneration"]
+    return config
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def messages_for(example, image):
+    kind = "video" if example.is_video else "image"
+    return [{"role": "user", "content": [{"type": kind, kind: image}, {"type": "text", "text": example.question}]}]
+
+
+class Encoder:
+    """Example -> model inputs, with labels on the answer and the closing <|im_end|> only.
+
+    The chat template and the processor are applied once per kind of input to learn the token
+    layout around the question; each example then costs one small tokenization. `check` proves
+    the layout equals the processor's own output."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.layouts = {kind: self._layout(kind) for kind in ("image", "video")}
+
+    def prompt(self, example):
+        return self.processor.apply_chat_template(messages_for(example, None), add_generation_prompt=True, tokenize=False)
+
+    def _layout(self, kind):
+        marker = "QUESTION"
+        probe = tasks.Example("probe", marker, "", motion=("left", (0, 0)) if kind == "video" else None)
+        before, after = self.prompt(probe).split(marker)
+        pad = f"<|{kind}_pad|>"
+        head, tail = before.split(pad)
+        return self.tokenizer(head)["input_ids"], self.tokenizer.convert_tokens_to_ids(pad), tail, after
+
+    def __call__(self, example):
+        visual = tasks.render(example)
+        kind = "video" if example.is_video else "image"
+        head, pad_id, tail, after = self.layouts[kind]
+        if example.is_video:
+            features = dict(self.processor.image_processor(videos=[visual], return_tensors="pt"))
+            features["second_per_grid_ts"] = torch.tensor([self.processor.image_processor.temporal_patch_size / 2.0])
+            grid = features["video_grid_thw"]
+        else:
+            features = dict(self.processor.image_processor(images=[visual], return_tensors="pt"))
+            grid = features["image_grid_thw"]
+        prompt_ids = head + [pad_id] * int(grid.prod() // 4) + self.tokenizer(tail + example.question + after)["input_ids"]
+        answer = self.tokenizer(example.answer + "<|im_end|>")["input_ids"]
+        features["input_ids"] = prompt_ids + answer
+        features["labels"] = [-100] * len(prompt_ids) + answer
+        return features
+
+    def check(self, examples):
+        for example in examples:
+            visual = tasks.render(example)
+            media = {"videos": [visual], "fps": 2.0} if example.is_video else {"images": [visual]}
+            reference = self.processor(text=[self.prompt(example)], return_tensors="pt", **media)
+            ours = self(example)
+            n_prompt = ours["labels"].count(-100)
+            assert ours["input_ids"][:n_prompt] == reference["input_ids"][0].tolist(), example
+            for name in ("pixel_values", "pixel_values_videos", "second_per_grid_ts"):
+                if name in reference:
+                    assert torch.equal(torch.as_tensor(ours[name]), torch.as_tensor(reference[name])), name
+
+
+class QuestionSet(torch.utils.data.Dataset):
+    """Question i is drawn from its own seeded generator: any order of indices gives the same data."""
+
+    def __init__(self, encoder, seed, size):
+        self.encoder, self.seed, self.size = encoder, seed, size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        rng = random.Random(self.seed * 1_000_003 + index)
+        return self.encoder(tasks.sample(tasks.TASKS[index % len(tasks.TASKS)], rng))
+
+
+def collate(batch, pad_id):
+    length = max(len(b["input_ids"]) for b in batch)
+    out = {
+        "input_ids": torch.tensor([b["input_ids"] + [pad_id] * (length - len(b["input_ids"])) for b in batch]),
+        "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (length - len(b["input_ids"])) for b in batch]),
+        "labels": torch.tensor([b["labels"] + [-100] * (length - len(b["labels"])) for b in batch]),
+    }
+    for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        parts = [b[name] for b in batch if name in b]
+        if parts:
+            out[name] = torch.cat([torch.as_tensor(p) for p in parts])
+    return out
+
+
+def data_vocabulary(encoder, seed, count=4000):
+    """Every token id the synthetic prompts and answers use (scanned from a long seeded sample)."""
+    rng = random.Random(seed)
+    ids = set()
+    for _ in range(count):
+        example = tasks.sample(rng.choice(tasks.TASKS), rng)
+        ids.update(encoder.tokenizer(encoder.prompt(example) + example.answer + "<|im_end|>")["input_ids"])
+    for answer in tasks.all_answers():
+        ids.update(encoder.tokenizer(answer + "<|im_end|>")["input_ids"])
+    return sorted(ids)
+
+
+# --- the trainable part of the vocabulary ---------------------------------------------------
+
+
+class TrainableRows(nn.Module):
+    """The tied embedding during training: the full table frozen, the rows of `ids` trainable."""
+
+    def __init__(self, full, ids):
+        super().__init__()
+        self.full = full  # the frozen nn.Parameter shared with lm_head
+        self.rows = nn.Parameter(full.detach()[ids].clone())
+        slot = torch.full((full.shape[0],), -1, dtype=torch.long)
+        slot[torch.tensor(ids)] = torch.arange(len(ids))
+        self.register_buffer("slot", slot, persistent=False)
+
+    def weight_of(self, ids):
+        slot = self.slot[ids]
+        return torch.where((slot >= 0)[..., None], self.rows[slot.clamp(min=0)], self.full[ids])
+
+    def forward(self, ids):
+        return self.weight_of(ids)
+
+    def merge(self):
+        with torch.no_grad():
+            self.full[self.slot >= 0] = self.rows[self.slot[self.slot >= 0]]
+
+
+class AnswerVocabularyTrainer(Trainer):
+    """Loss over the answer vocabulary plus random negatives, at supervised positions only."""
+
+    def __init__(self, *args, answer_ids, negatives, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.answer_ids = torch.tensor(answer_ids)
+        self.negatives = negatives
+        self.vocab_size = self.model.config.vocab_size
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        hidden, targets = hidden[targets != -100], targets[targets != -100]
+        negatives = torch.randint(0, self.vocab_size, (self.negatives,))
+        candidates = torch.cat([self.answer_ids, negatives[~torch.isin(negatives, self.answer_ids)]])
+        logits = hidden @ model.model.language_model.embed_tokens.weight_of(candidates).t()
+        target_slot = (targets[:, None] == candidates[None, :]).float().argmax(-1)
+        loss = F.cross_entropy(logits.float(), target_slot)
+        return (loss, None) if return_outputs else loss
+
+
+class Progress(TrainerCallback):
+    """Prints loss, steps/s and, every `every` steps, accuracy per task on held-out questions."""
+
+    def __init__(self, evaluate, every, log_path):
+        self.evaluate, self.every, self.log_path, self.start = evaluate, every, log_path, time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            elapsed = time.time() - self.start
+            print(f"step {state.global_step} loss {logs['loss']:.4f} {state.global_step / elapsed:.2f} steps/s "
+                  f"{elapsed / 60:.1f} min", flush=True)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            model.eval()
+            scores = self.evaluate(model)
+            model.train()
+            record = {"step": state.global_step, "minutes": round((time.time() - self.start) / 60, 1), **scores}
+            print(json.dumps(record), flush=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, processor, per_task, seed, batch_size=32):
+    """Greedy answers over the full vocabulary; accuracy per task on fresh questions."""
+    rng = random.Random(seed)
+    examples = [tasks.sample(task, rng) for task in tasks.TASKS for _ in range(per_task)]
+    correct = {task: 0 for task in tasks.TASKS}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        for example, answer in zip(chunk, answer_batch(model, processor, chunk)):
+            correct[example.task] += tasks.answer_matches(answer, example.answer)
+    per_task_accuracy = {task: correct[task] / per_task for task in tasks.TASKS}
+    return {"accuracy": sum(correct.values()) / len(examples), "per_task": per_task_accuracy}
+
+
+def answer_batch(model, processor, examples, max_new_tokens=6):
+    texts = [processor.apply_chat_template(messages_for(e, None), add_generation_prompt=True, tokenize=False) for e in examples]
+    visuals = [tasks.render(e) for e in examples]
+    images = [v for e, v in zip(examples, visuals) if not e.is_video]
+    videos = [v for e, v in zip(examples, visuals) if e.is_video]
+    inputs = processor(
+        text=texts, images=images or None, videos=videos or None, fps=2.0, padding=True, return_tensors="pt"
+    )
+    inputs.pop("mm_token_type_ids", None)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "tiny"), help="where the trained model goes")
+    parser.add_argument("--steps", type=int, default=12000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both towers")
+    parser.add_argument("--embedding-lr", type=float, default=3e-3, help="peak learning rate of the embedding rows")
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--negatives", type=int, default=256, help="random vocabulary negatives per step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=1000, help="steps between held-out evaluations (0: never)")
+    parser.add_argument("--eval-per-task", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    processor = QwenVLProcessor.from_pretrained(ROOT)
+    encoder = Encoder(processor)
+    model = QwenVLForConditionalGeneration(embedded_config())
+    model.config.pad_token_id = processor.tokenizer.pad_token_id
+
+    embedding = model.model.language_model.embed_tokens
+    embedding.weight.requires_grad_(False)
+    rows = TrainableRows(embedding.weight, data_vocabulary(encoder, args.seed + 1))
+    model.model.language_model.embed_tokens = rows
+    answer_ids = sorted({i for a in tasks.all_answers() for i in processor.tokenizer(a + "<|im_end|>")["input_ids"]})
+
+    tower_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("embed_tokens.rows")]
+    optimizer = torch.optim.AdamW(
+        [{"params": tower_params, "lr": args.lr}, {"params": [rows.rows], "lr": args.embedding_lr, "weight_decay": 0.0}],
+        betas=(0.9, 0.95), weight_decay=0.01,
+    )
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, warmup_steps=args.warmup, lr_scheduler_type="cosine", logging_steps=50,
+        save_strategy="no", report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
+        seed=args.seed, use_cpu=True, disable_tqdm=True,
+    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    log_path = os.path.join(args.output_dir, "eval_log.jsonl")
+    open(log_path, "w").close()
+    encoder.check([tasks.sample(task, random.Random(i)) for i, task in enumerate(tasks.TASKS)])
+    questions = QuestionSet(encoder, args.seed, args.steps * args.batch_size)
+    trainer = AnswerVocabularyTrainer(
+        model=model, args=training_args, train_dataset=questions, optimizers=(optimizer, None),
+        data_collator=lambda batch: collate(batch, processor.tokenizer.pad_token_id),
+        answer_ids=answer_ids, negatives=args.negatives,
+        callbacks=[Progress(lambda m: evaluate(m, processor, args.eval_per_task, seed=10_000 + args.seed),
+                            args.eval_every, log_path)],
+    )
+    started = time.time()
+    trainer.train()
+    rows.merge()
+    model.model.language_model.embed_tokens = embedding
+    model.tie_weights()
+    model.eval()
+    final = evaluate(model, processor, args.eval_per_task, seed=10_000 + args.seed)
+    print(json.dumps({"final": final, "minutes": round((time.time() - started) / 60, 1)}), flush=True)
+    model.to(torch.bfloat16)
+    model.config.auto_map = dict(AUTO_MAP)
+    model.save_pretrained(args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
