@@ -19,7 +19,7 @@ import torch
 import transformers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
-from transformers import AutoTokenizer
+from transformers import Qwen2TokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 
@@ -91,12 +91,13 @@ class QwenVLProcessor(ProcessorMixin):
         """Load the parts of a saved processor: always this file's own image processor, and the tokenizer.
 
         transformers would resolve the image processor by the class name in its config, which fails for remote
-        code unless that class was registered in this session. (`processor_dict`, which only transformers 5.x
+        code unless that class was registered in this session; and AutoTokenizer would read the model's config.json
+        and ask whether to trust its remote code, although the tokenizer is a plain Qwen2 one. (`processor_dict`, which only transformers 5.x
         passes, is not needed: the parts read their own configs.)
         """
         return [
             QwenVLImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs),
-            AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
+            Qwen2TokenizerFast.from_pretrained(pretrained_model_name_or_path, **kwargs),
         ]
 
     def _token_id(self, token: str) -> int:

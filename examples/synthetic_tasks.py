@@ -173,3 +173,27 @@ def answer_matches(prediction, answer):
 
 def all_answers():
     return sorted({*COLORS, *SHAPES, *CORNERS.values(), "left", "right", "above", "below", *NUMBERS, *DIRECTIONS})
+
+
+def evaluate(answer, per_task, seed, batch_size=32):
+    """Accuracy per task on `per_task` fresh questions of each task from `seed`.
+
+    `answer(examples)` returns one answer string per example (model.generate, a pipeline, ...)."""
+    rng = random.Random(seed)
+    examples = [sample(task, rng) for task in TASKS for _ in range(per_task)]
+    correct = dict.fromkeys(TASKS, 0)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        for example, prediction in zip(chunk, answer(chunk)):
+            correct[example.task] += answer_matches(prediction, example.answer)
+    return {
+        "accuracy": sum(correct.values()) / len(examples),
+        "n": len(examples),
+        "per_task": {task: correct[task] / per_task for task in TASKS},
+    }
+
+
+def messages(example, visual):
+    """The chat for one example; `visual` is its rendered image, frames, or a path."""
+    kind = "video" if example.is_video else "image"
+    return [{"role": "user", "content": [{"type": kind, kind: visual}, {"type": "text", "text": example.question}]}]

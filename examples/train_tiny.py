@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -57,11 +58,6 @@ def embedded_config():
 # --- data ----------------------------------------------------------------------------------
 
 
-def messages_for(example, image):
-    kind = "video" if example.is_video else "image"
-    return [{"role": "user", "content": [{"type": kind, kind: image}, {"type": "text", "text": example.question}]}]
-
-
 class Encoder:
     """Example -> model inputs, with labels on the answer and the closing <|im_end|> only.
 
@@ -75,7 +71,7 @@ class Encoder:
         self.layouts = {kind: self._layout(kind) for kind in ("image", "video")}
 
     def prompt(self, example):
-        return self.processor.apply_chat_template(messages_for(example, None), add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(tasks.messages(example, None), add_generation_prompt=True, tokenize=False)
 
     def _layout(self, kind):
         marker = "QUESTION"
@@ -229,30 +225,17 @@ class Progress(TrainerCallback):
 # --- evaluation -----------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate(model, processor, per_task, seed, batch_size=32):
-    """Greedy answers over the full vocabulary; accuracy per task on fresh questions."""
-    rng = random.Random(seed)
-    examples = [tasks.sample(task, rng) for task in tasks.TASKS for _ in range(per_task)]
-    correct = {task: 0 for task in tasks.TASKS}
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        for example, answer in zip(chunk, answer_batch(model, processor, chunk)):
-            correct[example.task] += tasks.answer_matches(answer, example.answer)
-    per_task_accuracy = {task: correct[task] / per_task for task in tasks.TASKS}
-    return {"accuracy": sum(correct.values()) / len(examples), "per_task": per_task_accuracy}
-
-
-def answer_batch(model, processor, examples, max_new_tokens=6):
-    texts = [processor.apply_chat_template(messages_for(e, None), add_generation_prompt=True, tokenize=False) for e in examples]
+def generate_answers(model, processor, examples, max_new_tokens=6):
+    """Greedy answers over the full vocabulary, one batch."""
+    texts = [processor.apply_chat_template(tasks.messages(e, None), add_generation_prompt=True, tokenize=False) for e in examples]
     visuals = [tasks.render(e) for e in examples]
     images = [v for e, v in zip(examples, visuals) if not e.is_video]
     videos = [v for e, v in zip(examples, visuals) if e.is_video]
     inputs = processor(
         text=texts, images=images or None, videos=videos or None, fps=2.0, padding=True, return_tensors="pt"
     )
-    inputs.pop("mm_token_type_ids", None)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -262,7 +245,7 @@ def answer_batch(model, processor, examples, max_new_tokens=6):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "tiny"), help="where the trained model goes")
-    parser.add_argument("--steps", type=int, default=12000)
+    parser.add_argument("--steps", type=int, default=7000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both towers")
     parser.add_argument("--embedding-lr", type=float, default=3e-3, help="peak learning rate of the embedding rows")
@@ -272,6 +255,7 @@ def main():
     parser.add_argument("--eval-every", type=int, default=1000, help="steps between held-out evaluations (0: never)")
     parser.add_argument("--eval-per-task", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--to-root", action="store_true", help="also copy the weights and config.json to the repo root")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -307,7 +291,7 @@ def main():
         model=model, args=training_args, train_dataset=questions, optimizers=(optimizer, None),
         data_collator=lambda batch: collate(batch, processor.tokenizer.pad_token_id),
         answer_ids=answer_ids, negatives=args.negatives,
-        callbacks=[Progress(lambda m: evaluate(m, processor, args.eval_per_task, seed=10_000 + args.seed),
+        callbacks=[Progress(lambda m: tasks.evaluate(lambda chunk: generate_answers(m, processor, chunk), args.eval_per_task, 10_000 + args.seed),
                             args.eval_every, log_path)],
     )
     started = time.time()
@@ -316,11 +300,14 @@ def main():
     model.model.language_model.embed_tokens = embedding
     model.tie_weights()
     model.eval()
-    final = evaluate(model, processor, args.eval_per_task, seed=10_000 + args.seed)
+    final = tasks.evaluate(lambda chunk: generate_answers(model, processor, chunk), args.eval_per_task, 10_000 + args.seed)
     print(json.dumps({"final": final, "minutes": round((time.time() - started) / 60, 1)}), flush=True)
     model.to(torch.bfloat16)
     model.config.auto_map = dict(AUTO_MAP)
     model.save_pretrained(args.output_dir)
+    if args.to_root:
+        for name in ("model.safetensors", "config.json", "generation_config.json"):
+            shutil.copy(os.path.join(args.output_dir, name), os.path.join(ROOT, name))
 
 
 if __name__ == "__main__":
