@@ -41,6 +41,7 @@ class QwenVLVisionConfig(PretrainedConfig):
         tokens_per_second=2,
         rope_theta=10000.0,
         initializer_range=0.02,
+        max_patches_per_chunk=65536,
         **kwargs,
     ):
         if "embed_dim" in kwargs:  # Qwen2-VL naming: hidden_size is the merger's output there
@@ -71,6 +72,8 @@ class QwenVLVisionConfig(PretrainedConfig):
         self.tokens_per_second = tokens_per_second
         self.rope_theta = rope_theta
         self.initializer_range = initializer_range
+        # The vision tower encodes larger inputs in chunks of whole frames (bounded memory, same result).
+        self.max_patches_per_chunk = max_patches_per_chunk
         self._validate()
 
     def _validate(self):

@@ -1,12 +1,25 @@
 """Ask the embedded qwenvl model (the repo root) about pictures and clips, offline.
 
   python demo.py                                   # the examples in examples/, with expected answers
-  python demo.py --image PATH --question TEXT      # your own picture
+  python demo.py --image PATH --question TEXT      # your own picture; the answer streams as it is generated
   python demo.py --video PATH --question TEXT      # your own clip
+  python demo.py --chat [--image PATH]             # a conversation on stdin (commands below)
   python demo.py --eval 100 --seed 777             # accuracy per task on fresh synthetic questions
+  python demo.py --ground                          # grounding: an example answer drawn on examples/shape.png
+  python demo.py --ground ANSWER --image PATH --family 2.5   # a grounding answer of your own model, drawn
 
 The model is small and trained only on synthetic scenes (shapes of five colours on white; a ball
 moving over 4 frames): it answers questions about colour, shape, position, count and motion.
+
+--chat keeps the whole conversation and sends all of it, images included, with every new message. Type a message
+and press Enter; /image PATH or /video PATH adds a picture or clip to your next message; /reset starts over;
+/quit (or end of input) leaves.
+
+--ground runs no model (the embedded one is not trained to ground objects): it reads an answer of an official
+model, Qwen2.5-VL's JSON ({"bbox_2d": [x1, y1, x2, y2], "label": ...}, in pixels of the resized image) or
+Qwen2-VL's <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|> (in [0, 1000)),
+maps it to the picture's pixels and writes the picture with the boxes drawn to --out. For Qwen2.5-VL, give the
+--max-pixels that the model's processor used, so that the resized size is the one the model saw.
 """
 
 import argparse
@@ -21,6 +34,23 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 import synthetic_tasks as tasks  # noqa: E402
 
 EXAMPLES = os.path.join(ROOT, "examples", "questions.json")
+# What Qwen2.5-VL and Qwen2-VL answer to "Locate every shape" on examples/shape.png (168 x 168, which the official
+# processor keeps at 168 x 168): written by hand from the shapes' true positions, in each family's coordinates.
+GROUNDING_IMAGE = os.path.join(ROOT, "examples", "shape.png")
+GROUNDING_EXAMPLES = {
+    "2.5": """```json
+[
+  {"bbox_2d": [66, 11, 108, 53], "label": "red triangle"},
+  {"bbox_2d": [9, 13, 41, 45], "label": "yellow square"},
+  {"point_2d": [89, 137], "label": "blue circle"}
+]
+```""",
+    "2": "<|object_ref_start|>red triangle<|object_ref_end|><|box_start|>(393,65),(643,315)<|box_end|>, "
+    "<|object_ref_start|>yellow square<|object_ref_end|><|box_start|>(54,77),(244,268)<|box_end|> and "
+    "<|object_ref_start|>blue circle<|object_ref_end|><|box_start|>(405,690),(655,940)<|box_end|>",
+}
+OFFICIAL_MAX_PIXELS = 12845056  # the official preprocessor_config.json
+CHAT_HELP = "commands: /image PATH, /video PATH (added to your next message), /reset, /quit"
 
 
 def load_pipeline(model_dir):
@@ -40,10 +70,13 @@ def ask(pipe, chats, max_new_tokens=8):
     return [out[0]["generated_text"].strip() if isinstance(out, list) else out["generated_text"].strip() for out in outputs]
 
 
-def user_chat(kind, source, question):
+def media_item(kind, source):
     # the model was trained on 168 x 168 pictures: larger inputs are scaled down to that many pixels
-    item = {"type": kind, kind: source, "min_pixels": 28 * 28, "max_pixels": tasks.IMAGE_SIZE**2}
-    return [{"role": "user", "content": [item, {"type": "text", "text": question}]}]
+    return {"type": kind, kind: source, "min_pixels": 28 * 28, "max_pixels": tasks.IMAGE_SIZE**2}
+
+
+def user_chat(kind, source, question):
+    return [{"role": "user", "content": [media_item(kind, source), {"type": "text", "text": question}]}]
 
 
 def run_examples(pipe):
@@ -66,27 +99,187 @@ def run_eval(pipe, per_task, seed):
     print(json.dumps(scores))
 
 
-def main():
+# ---- streaming and chat -------------------------------------------------------------------------------------------
+
+
+def make_streamer(tokenizer, out):
+    """A TextStreamer (imported here: --help and --ground need no transformers) that writes each finished piece of
+    the answer to `out` at once; the prompt is not repeated."""
+    from transformers import TextStreamer
+
+    class EchoStreamer(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+
+    return EchoStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def stream_reply(model, processor, messages, max_new_tokens, out=None):
+    """Answer a conversation greedily, writing the answer to `out` (stdout) piece by piece as it is generated;
+    returns it."""
+    import torch
+
+    out = out or sys.stdout
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        tokens = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=make_streamer(processor.tokenizer, out)
+        )
+    return processor.decode(tokens[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+class ChatSession:
+    """A conversation as chat messages. `reply(messages)` answers the whole conversation so far; pictures and clips
+    added with /image and /video join the next user message."""
+
+    def __init__(self, reply, out=None):
+        self.reply, self.out = reply, out or sys.stdout
+        self.messages, self.pending = [], []
+
+    def say(self, text):
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def handle(self, line):
+        """Act on one input line; False when the user leaves."""
+        line = line.strip()
+        if not line:
+            return True
+        command, _, argument = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return False
+        if command in ("/image", "/video"):
+            self.add_media(command[1:], argument.strip())
+        elif command == "/reset":
+            self.messages, self.pending = [], []
+            self.say("(conversation cleared)")
+        elif line.startswith("/"):
+            self.say(f"unknown command {command!r}; {CHAT_HELP}")
+        else:
+            self.ask(line)
+        return True
+
+    def add_media(self, kind, source):
+        if not source:
+            self.say(f"/{kind} needs a path: /{kind} PATH")
+        elif not (os.path.exists(source) or source.startswith(("file://", "data:"))):
+            self.say(f"no such file: {source}")
+        else:
+            self.pending.append(media_item(kind, source))
+            self.say(f"({kind} added: it goes with your next message)")
+
+    def ask(self, text):
+        self.messages.append({"role": "user", "content": [*self.pending, {"type": "text", "text": text}]})
+        self.out.write("model> ")
+        try:
+            answer = self.reply(self.messages)
+        except (ValueError, TypeError, OSError) as error:  # e.g. a file that is not a picture: drop that turn
+            self.messages.pop()
+            self.say(f"\nerror: {error} (message and pending media dropped)")
+        else:
+            self.messages.append({"role": "assistant", "content": answer})
+        self.pending = []
+
+
+def run_chat(pipe, first_media, max_new_tokens):
+    session = ChatSession(lambda messages: stream_reply(pipe.model, pipe.processor, messages, max_new_tokens))
+    session.pending = list(first_media)
+    session.say(f"Chat with the model. {CHAT_HELP}")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not sys.stdin.isatty():  # piped input is not shown by the terminal: echo it
+            print(line)
+        if not session.handle(line):
+            break
+
+
+# ---- grounding ---------------------------------------------------------------------------------------------------
+
+
+def run_ground(answer, image_path, family, max_pixels, out_path):
+    """Read a grounding answer, print the objects in the picture's pixels and save the picture with them drawn."""
+    from grounding_qwenvl import draw_boxes, ground
+    from image_processing_qwenvl import load_image, smart_resize
+
+    image = load_image(image_path)  # EXIF orientation applied, as the processor sees the picture
+    height, width = smart_resize(image.height, image.width, max_pixels=max_pixels)
+    objects = ground(answer, family, image.size, resized_size=(width, height))
+    for item in objects:
+        where = f"box {tuple(round(v) for v in item.box)}" if item.box else f"point {tuple(round(v) for v in item.point)}"
+        print(f"{item.label or '(no label)'}: {where}")
+    draw_boxes(image, objects).save(out_path)
+    print(f"{len(objects)} object(s) drawn on {image_path} ({image.width} x {image.height}) -> {out_path}")
+
+
+def check_arguments(parser, args):
+    media = args.image or args.video
+    if args.ground is not None:
+        if args.question or args.chat or args.eval or args.video:
+            parser.error("--ground runs no model: it takes only --image, --family, --max-pixels and --out")
+        if args.ground is True and args.image:
+            parser.error("--ground without ANSWER draws its example on examples/shape.png; give ANSWER with --image")
+        if args.ground is not True and not args.image:
+            parser.error("--ground ANSWER needs --image, the picture the answer is about")
+        if args.max_pixels < 28 * 28:
+            parser.error("--max-pixels must be at least 784 (one 28 x 28 block)")
+        return
+    if args.chat and (args.question or args.eval):
+        parser.error("--chat reads its questions from stdin: drop --question and --eval")
+    if media and not args.question and not args.chat:
+        parser.error("--image and --video need --question (or --chat)")
+    if args.question and not media:
+        parser.error("--question needs --image or --video")
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--image", help="a picture: path, file:// or data: URI")
     source.add_argument("--video", help="a clip: a video file path (needs PyAV)")
     parser.add_argument("--question", help="the question about --image or --video")
+    parser.add_argument("--chat", action="store_true", help="a multi-turn conversation on stdin (see above)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer for --question and --chat")
     parser.add_argument("--eval", type=int, metavar="N", help="evaluate on N fresh questions per task")
     parser.add_argument("--seed", type=int, default=777, help="seed of the --eval questions (training never uses 777)")
     parser.add_argument("--model", default=ROOT, help="a qwenvl model directory (default: the repo root)")
-    args = parser.parse_args()
-    if (args.image or args.video) and not args.question:
-        parser.error("--image and --video need --question")
-    if args.question and not (args.image or args.video):
-        parser.error("--question needs --image or --video")
+    grounding = parser.add_argument_group("grounding (runs no model)")
+    grounding.add_argument(
+        "--ground", nargs="?", const=True, metavar="ANSWER",
+        help="draw the objects of a grounding ANSWER on --image; alone, an example answer on examples/shape.png",
+    )
+    grounding.add_argument("--family", choices=("2.5", "2"), default="2.5", help="the family that wrote ANSWER")
+    grounding.add_argument(
+        "--max-pixels", type=int, default=OFFICIAL_MAX_PIXELS,
+        help="max_pixels of the processor that fed the model (Qwen2.5-VL answers in pixels of the resized picture)",
+    )
+    grounding.add_argument("--out", default="grounded.png", help="where the drawn picture goes (PNG)")
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
 
+    if args.ground is not None:
+        example = args.ground is True
+        answer = GROUNDING_EXAMPLES[args.family] if example else args.ground
+        try:
+            run_ground(answer, GROUNDING_IMAGE if example else args.image, args.family, args.max_pixels, args.out)
+        except (ValueError, OSError) as error:
+            parser.exit(2, f"demo.py: error: {error}\n")
+        return
     pipe = load_pipeline(args.model)
+    kind, source = ("image", args.image) if args.image else ("video", args.video)
     if args.eval:
         run_eval(pipe, args.eval, args.seed)
-    elif args.image or args.video:
-        kind = "image" if args.image else "video"
-        print(ask(pipe, [user_chat(kind, args.image or args.video, args.question)])[0])
+    elif args.chat:
+        run_chat(pipe, [media_item(kind, source)] if source else [], args.max_new_tokens)
+    elif source:
+        stream_reply(pipe.model, pipe.processor, user_chat(kind, source, args.question), args.max_new_tokens)
     else:
         run_examples(pipe)
 

@@ -659,12 +659,19 @@ class QwenVLImageProcessorKwargs(ImagesKwargs, total=False):
     merge_size: int
 
 
-# Keys that configs saved by transformers (any version) may hold but that do not affect this processor.
+# Keys that configs saved by transformers (any version) may hold but that do not affect this processor. Listed
+# beside ImagesKwargs because the installed version's ImagesKwargs lacks the keys other versions write (4.57 has
+# no default_to_square or return_tensors, which 5.x saves; 4.57 saves _processor_class).
 _IGNORED_CONFIG_KEYS = frozenset(ImagesKwargs.__annotations__) | {
     "image_processor_type",
     "processor_class",
+    "_processor_class",
     "auto_map",
     "feature_extractor_type",
+    "default_to_square",
+    "disable_grouping",
+    "image_seq_length",
+    "return_tensors",
 }
 
 # Options that a call may override (besides min_pixels, max_pixels, resized_height, resized_width).
@@ -958,3 +965,7 @@ class QwenVLImageProcessor(BaseImageProcessor):
             start = stop
         return out, grids
 
+
+# save_pretrained then names this class under AutoImageProcessor in `auto_map` and copies this file, so a saved folder
+# loads anywhere with AutoImageProcessor.from_pretrained(folder, trust_remote_code=True).
+QwenVLImageProcessor.register_for_auto_class()

@@ -14,6 +14,7 @@ L = sequence length, H = heads, D = head size.
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -87,12 +88,18 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.temporal_patch_size = config.temporal_patch_size
         kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
         self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel, stride=kernel, bias=False)
 
     def forward(self, pixel_values):  # [N, C*T*P*P] -> [N, hidden]
-        weight = self.proj.weight.view(self.proj.out_channels, -1)
-        return pixel_values.to(weight.dtype) @ weight.t()
+        weight = self.proj.weight  # [hidden, C, T, P, P]
+        frames = pixel_values.view(pixel_values.shape[0], weight.shape[1], self.temporal_patch_size, -1)
+        if torch.equal(frames[:, :, :1].expand_as(frames), frames):
+            # a still image is its frame repeated: sum the kernel over time and read one frame
+            folded = weight.sum(2).flatten(1)
+            return frames[:, :, 0].reshape(frames.shape[0], -1).to(folded.dtype) @ folded.t()
+        return pixel_values.to(weight.dtype) @ weight.flatten(1).t()
 
 
 def patch_hw_positions(grid_thw, merge_size):
@@ -291,6 +298,17 @@ class QwenVLPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _supports_cache_class = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Weights load from safetensors only: a pickle checkpoint (`pytorch_model.bin`) can run arbitrary code
+        while it loads, so it is refused unless the caller passes `use_safetensors=False`."""
+        if kwargs.get("use_safetensors") is None:
+            kwargs["use_safetensors"] = True
+        if kwargs["use_safetensors"]:
+            directory = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            refuse_pickle_only_directory(os.path.normpath(os.path.join(str(directory), kwargs.get("subfolder") or "")))
+        return super().from_pretrained(*args, **kwargs)
+
     def _init_weights(self, module):
         std = getattr(self.config, "initializer_range", 0.02)
         if isinstance(module, (nn.Linear, nn.Conv3d)):
@@ -305,46 +323,16 @@ class QwenVLPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
 
 
-class QwenVLVisionModel(QwenVLPreTrainedModel):
-    """pixel_values [N, 3*2*14*14] + grid_thw [images, 3] -> merged tokens [M, out_hidden] in raster order."""
+@dataclass
+class GridPlan:
+    """What the vision tower needs to know about a batch of grids, apart from the pixels."""
 
-    config_class = QwenVLVisionConfig
-    main_input_name = "pixel_values"
-    _no_split_modules = ["VisionBlock"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.spatial_merge_size = config.spatial_merge_size
-        self.patch_embed = PatchEmbed(config)
-        self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
-        self.merger = PatchMerger(config)
-        self.gradient_checkpointing = False
-        self.post_init()
-
-    def forward(self, pixel_values, grid_thw):
-        config = self.config
-        grid_thw = check_grid_thw(grid_thw, pixel_values, config)
-        x = self.patch_embed(pixel_values)
-        cos, sin = vision_rotary_tables(config, grid_thw, x.device)
-        full_runs = segment_runs(frame_seqlens(grid_thw))
-        if config.uses_window_attention:
-            window_index, cu_window_seqlens = get_window_index(
-                grid_thw, config.window_size, config.spatial_merge_size, config.patch_size
-            )
-            window_index = window_index.to(x.device)
-            x, cos, sin = (to_window_order(t, window_index) for t in (x, cos, sin))
-            window_runs = segment_runs(cu_window_seqlens)
-        for i, block in enumerate(self.blocks):
-            use_window = config.uses_window_attention and i not in config.fullatt_block_indexes
-            runs = window_runs if use_window else full_runs
-            if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(block.__call__, x, runs, cos, sin)
-            else:
-                x = block(x, runs, cos, sin)
-        merged = self.merger(x)
-        if config.uses_window_attention:
-            merged = merged[inverse_permutation(window_index)]
-        return merged
+    cos: torch.Tensor  # [N, D] float32, rows in the order the blocks see the patches
+    sin: torch.Tensor
+    full_runs: list  # segment_runs of whole frames
+    window_runs: list | None = None  # segment_runs of windows (Qwen2.5-VL)
+    window_index: torch.Tensor | None = None  # [M] merged-token order of the blocks
+    inverse_index: torch.Tensor | None = None  # [M] back to raster order
 
 
 def to_window_order(x, window_index):
@@ -357,6 +345,103 @@ def inverse_permutation(index):
     inverse = torch.empty_like(index)
     inverse[index] = torch.arange(index.shape[0], device=index.device)
     return inverse
+
+
+def plan_grids(config, grid_thw, device):
+    cos, sin = vision_rotary_tables(config, grid_thw, device)
+    plan = GridPlan(cos, sin, segment_runs(frame_seqlens(grid_thw)))
+    if config.uses_window_attention:
+        window_index, cu_window_seqlens = get_window_index(
+            grid_thw, config.window_size, config.spatial_merge_size, config.patch_size
+        )
+        plan.window_index = window_index.to(device)
+        plan.inverse_index = inverse_permutation(plan.window_index)
+        plan.cos, plan.sin = to_window_order(cos, plan.window_index), to_window_order(sin, plan.window_index)
+        plan.window_runs = segment_runs(cu_window_seqlens)
+    return plan
+
+
+def chunks_of_frames(grid_thw, max_patches):
+    """Split items into chunks of at most `max_patches` patches, cutting only between frames
+    (attention never crosses a frame, so each chunk encodes exactly as it would in one pass).
+    -> [(first row, end row, grid_thw of the chunk)]"""
+    chunks, current, size, start = [], [], 0, 0
+    for t, h, w in grid_thw.tolist():
+        while t:
+            frames = min(t, max(1, (max_patches - size) // (h * w)))
+            if size and size + frames * h * w > max_patches:
+                chunks.append((start, start + size, torch.tensor(current)))
+                start, current, size = start + size, [], 0
+                continue
+            current.append([frames, h, w])
+            size, t = size + frames * h * w, t - frames
+    chunks.append((start, start + size, torch.tensor(current)))
+    return chunks
+
+
+def refuse_pickle_only_directory(directory):
+    """A clear error for a local checkpoint whose weights exist only as pickle files."""
+    if not os.path.isdir(directory):
+        return
+    names = os.listdir(directory)
+    pickles = sorted(n for n in names if n.startswith("pytorch_model") and n.endswith((".bin", ".bin.index.json")))
+    if pickles and not any(n.endswith(".safetensors") for n in names):
+        raise OSError(
+            f"{directory} holds only pickle weights ({', '.join(pickles)}); qwenvl loads safetensors only, because "
+            "unpickling can run arbitrary code. Convert the checkpoint to safetensors, or pass "
+            "use_safetensors=False to from_pretrained if you trust where the file came from."
+        )
+
+
+class QwenVLVisionModel(QwenVLPreTrainedModel):
+    """pixel_values [N, 3*2*14*14] + grid_thw [images, 3] -> merged tokens [M, out_hidden] in raster order.
+
+    Inputs larger than `config.max_patches_per_chunk` patches are encoded chunk by chunk (whole
+    frames), which bounds activation memory and gives the same result."""
+
+    config_class = QwenVLVisionConfig
+    main_input_name = "pixel_values"
+    _no_split_modules = ["VisionBlock"]
+    PLANS_KEPT = 8
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.patch_embed = PatchEmbed(config)
+        self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
+        self.merger = PatchMerger(config)
+        self.gradient_checkpointing = False
+        self._plans = {}  # grid shapes -> GridPlan, most recent last
+        self.post_init()
+
+    def forward(self, pixel_values, grid_thw):
+        grid_thw = check_grid_thw(grid_thw, pixel_values, self.config)
+        chunks = chunks_of_frames(grid_thw, self.config.max_patches_per_chunk or pixel_values.shape[0])
+        if len(chunks) == 1:
+            return self.encode(pixel_values, grid_thw)
+        return torch.cat([self.encode(pixel_values[start:end], grid) for start, end, grid in chunks])
+
+    def encode(self, pixel_values, grid_thw):
+        plan = self.grid_plan(grid_thw, pixel_values.device)
+        x = self.patch_embed(pixel_values)
+        if plan.window_index is not None:
+            x = to_window_order(x, plan.window_index)
+        for i, block in enumerate(self.blocks):
+            full = plan.window_runs is None or i in self.config.fullatt_block_indexes
+            runs = plan.full_runs if full else plan.window_runs
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(block.__call__, x, runs, plan.cos, plan.sin)
+            else:
+                x = block(x, runs, plan.cos, plan.sin)
+        merged = self.merger(x)
+        return merged[plan.inverse_index] if plan.inverse_index is not None else merged
+
+    def grid_plan(self, grid_thw, device):
+        key = (tuple(map(tuple, grid_thw.tolist())), str(device))
+        plan = self._plans.pop(key, None) or plan_grids(self.config, grid_thw, device)
+        self._plans[key] = plan
+        while len(self._plans) > self.PLANS_KEPT:
+            self._plans.pop(next(iter(self._plans)))
+        return plan
 
 
 def check_grid_thw(grid_thw, pixel_values, config):
@@ -381,6 +466,8 @@ def check_grid_thw(grid_thw, pixel_values, config):
         raise ValueError(f"pixel values must have shape [patches, {row_size}], got {shape}")
     if not pixel_values.is_floating_point():
         raise TypeError(f"pixel values must be floating point, got {pixel_values.dtype}")
+    if not bool(torch.isfinite(pixel_values).all()):  # one NaN would spread through attention to every token
+        raise ValueError("pixel values contain NaN or infinite values; check how the images were preprocessed")
     patches = int(grid_thw.prod(-1).sum())
     if patches != pixel_values.shape[0]:
         raise ValueError(
@@ -407,6 +494,7 @@ def get_rope_index(
     sample gets the positions it would get alone."""
     token_types = mm_token_type_ids if mm_token_type_ids is not None else token_types_of(config, input_ids)
     batch, length = token_types.shape
+    check_attention_mask(attention_mask, token_types.shape)
     valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(token_types, dtype=torch.bool)
     spans = {1: VisionSpans(image_grid_thw, None, "image"), 2: VisionSpans(video_grid_thw, second_per_grid_ts, "video")}
     position_ids = torch.zeros(3, batch, length, dtype=torch.long)
@@ -419,17 +507,23 @@ def get_rope_index(
                 pieces.append(torch.arange(next_pos, next_pos + run_length).expand(3, -1))
                 next_pos += run_length
                 continue
-            while run_length > 0:
-                grid, seconds = spans[kind].take(run_length)
-                pieces.append(vision_positions(config, grid, seconds if kind == 2 else None) + next_pos)
-                next_pos = int(pieces[-1].max()) + 1
-                run_length -= pieces[-1].shape[1]
+            grid, seconds = spans[kind].take(run_length)  # a run of placeholders is exactly one item
+            pieces.append(vision_positions(config, grid, seconds if kind == 2 else None) + next_pos)
+            next_pos = int(pieces[-1].max()) + 1
         sample = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
         position_ids[:, b, valid[b].cpu()] = sample
         rope_deltas[b] = next_pos - sample.shape[1]
     for vision in spans.values():
         vision.check_all_used()
     return position_ids.to(token_types.device), rope_deltas.to(token_types.device)
+
+
+def check_attention_mask(attention_mask, shape):
+    """Positions skip padding token by token, so the mask must have one entry per token."""
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(shape)}, got {tuple(attention_mask.shape)}"
+        )
 
 
 def token_types_of(config, input_ids):
@@ -450,9 +544,26 @@ class VisionSpans:
     """Hands out the grids of one modality in order, checking them against the placeholders."""
 
     def __init__(self, grid_thw, second_per_grid_ts, name):
+        if grid_thw is not None and not isinstance(grid_thw, torch.Tensor):
+            raise TypeError(f"{name}_grid_thw must be a torch.Tensor of shape [n, 3], got {type(grid_thw).__name__}")
+        if grid_thw is not None and (grid_thw.dim() != 2 or grid_thw.shape[1] != 3):
+            raise ValueError(f"{name}_grid_thw must have shape [n, 3], got {tuple(grid_thw.shape)}")
         self.grids = grid_thw.tolist() if grid_thw is not None else []
-        self.seconds = second_per_grid_ts.tolist() if isinstance(second_per_grid_ts, torch.Tensor) else second_per_grid_ts
+        self.seconds = None
+        if second_per_grid_ts is not None:
+            self.seconds = torch.as_tensor(second_per_grid_ts, dtype=torch.float64).flatten().tolist()
+            self.check_seconds(name)
         self.name, self.used = name, 0
+
+    def check_seconds(self, name):
+        """One positive, finite duration per video: they set the video tokens' time positions."""
+        if len(self.seconds) != len(self.grids):
+            raise ValueError(
+                f"second_per_grid_ts has {len(self.seconds)} values but {name}_grid_thw has {len(self.grids)} {name}s: "
+                "give one per video"
+            )
+        if not all(0 < s < math.inf for s in self.seconds):
+            raise ValueError(f"second_per_grid_ts must be positive and finite, got {self.seconds}")
 
     def take(self, run_length):
         if self.used == len(self.grids):
@@ -462,9 +573,9 @@ class VisionSpans:
             )
         grid = self.grids[self.used]
         tokens = grid[0] * grid[1] * grid[2] // 4
-        if tokens > run_length:
+        if tokens != run_length:  # each span is one item: <|vision_start|>, its placeholders, <|vision_end|>
             raise ValueError(
-                f"{self.name} {self.used} has grid {grid} ({tokens} tokens) but its placeholder span has only "
+                f"{self.name} {self.used} has grid {grid} ({tokens} tokens) but its placeholder span has "
                 f"{run_length} <|{self.name}_pad|> tokens; was the text truncated or edited?"
             )
         seconds = self.seconds[self.used] if self.seconds is not None else 1.0
@@ -631,7 +742,20 @@ class QwenVLTextModel(QwenVLPreTrainedModel):
     """The Qwen2 decoder: embeddings [B, L, hidden] + positions [3, B, L] -> hidden states."""
 
     _no_split_modules = ["DecoderLayer"]
-    base_model_pp_plan = {
+    # Parallel plans, keyed relative to this model. transformers 5 reads a model class's own `_tp_plan`/`_pp_plan`
+    # and prefixes them into every model that holds this one (so the full model gets
+    # `model.language_model.layers.*...`, as the built-in Qwen2.5-VL does); `config.base_model_tp_plan` would not
+    # do here, because QwenVLModel shares this config and would take the plan with the wrong prefix.
+    _tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    _pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
         "norm": (["hidden_states"], ["hidden_states"]),
@@ -784,8 +908,8 @@ class QwenVLModel(QwenVLPreTrainedModel):
 def check_input_ids(input_ids, vocab_size):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [batch, length] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-    if input_ids.is_floating_point():
-        raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.dtype not in (torch.int64, torch.int32):  # what an embedding lookup takes
+        raise TypeError(f"input_ids must hold integer token ids (int64 or int32), got {input_ids.dtype}")
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
 

@@ -207,6 +207,8 @@ class QwenVLProcessor(ProcessorMixin):
         # The frames are already sampled and sized (by `load_video`, or by the caller). Asking for their own size
         # only rounds the sides to multiples of 28, instead of resizing them again under the image pixel limits.
         frames = [load_image(frame) for frame in frames]
+        if not frames:  # a [0, H, W, 3] array
+            raise ValueError("the video is empty: it has no frames")
         height, width = frames[0].height, frames[0].width
         return dict(
             self.image_processor(videos=[frames], resized_height=height, resized_width=width, return_tensors="pt")

@@ -172,10 +172,6 @@ class TrainableRows(nn.Module):
     def forward(self, ids):
         return self.weight_of(ids)
 
-    def merge(self):
-        with torch.no_grad():
-            self.full[self.slot >= 0] = self.rows[self.slot[self.slot >= 0]]
-
 
 class AnswerVocabularyTrainer(Trainer):
     """Loss over the answer vocabulary plus random negatives, at supervised positions only."""
@@ -200,10 +196,12 @@ class AnswerVocabularyTrainer(Trainer):
 
 
 class Progress(TrainerCallback):
-    """Prints loss, steps/s and, every `every` steps, accuracy per task on held-out questions."""
+    """Prints loss, steps/s and, every `every` steps, accuracy per task on held-out questions,
+    exporting the model each time (so an interrupted run still leaves its latest model)."""
 
-    def __init__(self, evaluate, every, log_path):
-        self.evaluate, self.every, self.log_path, self.start = evaluate, every, log_path, time.time()
+    def __init__(self, evaluate, every, log_path, export):
+        self.evaluate, self.every, self.log_path, self.export = evaluate, every, log_path, export
+        self.start = time.time()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -220,6 +218,21 @@ class Progress(TrainerCallback):
             print(json.dumps(record), flush=True)
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.export()
+
+
+def export(model, rows, output_dir):
+    """Save a plain qwenvl model (bf16, trained rows merged into the tied embedding) to output_dir."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.language_model.embed_tokens.")}
+    full = rows.full.detach().clone()
+    full[rows.slot >= 0] = rows.rows.detach()[rows.slot[rows.slot >= 0]]
+    state["model.language_model.embed_tokens.weight"] = full
+    state["lm_head.weight"] = full
+    plain = QwenVLForConditionalGeneration(model.config)
+    plain.load_state_dict(state)
+    plain.to(torch.bfloat16)
+    plain.config.auto_map = dict(AUTO_MAP)
+    plain.save_pretrained(output_dir)
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -245,7 +258,7 @@ def generate_answers(model, processor, examples, max_new_tokens=6):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "tiny"), help="where the trained model goes")
-    parser.add_argument("--steps", type=int, default=7000)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both towers")
     parser.add_argument("--embedding-lr", type=float, default=3e-3, help="peak learning rate of the embedding rows")
@@ -292,19 +305,14 @@ def main():
         data_collator=lambda batch: collate(batch, processor.tokenizer.pad_token_id),
         answer_ids=answer_ids, negatives=args.negatives,
         callbacks=[Progress(lambda m: tasks.evaluate(lambda chunk: generate_answers(m, processor, chunk), args.eval_per_task, 10_000 + args.seed),
-                            args.eval_every, log_path)],
+                            args.eval_every, log_path, lambda: export(model, rows, args.output_dir))],
     )
     started = time.time()
     trainer.train()
-    rows.merge()
-    model.model.language_model.embed_tokens = embedding
-    model.tie_weights()
     model.eval()
     final = tasks.evaluate(lambda chunk: generate_answers(model, processor, chunk), args.eval_per_task, 10_000 + args.seed)
     print(json.dumps({"final": final, "minutes": round((time.time() - started) / 60, 1)}), flush=True)
-    model.to(torch.bfloat16)
-    model.config.auto_map = dict(AUTO_MAP)
-    model.save_pretrained(args.output_dir)
+    export(model, rows, args.output_dir)
     if args.to_root:
         for name in ("model.safetensors", "config.json", "generation_config.json"):
             shutil.copy(os.path.join(args.output_dir, name), os.path.join(ROOT, name))

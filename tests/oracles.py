@@ -6,6 +6,7 @@
   transformers' own torchvision checks are not fooled afterwards.
 - ``qwen_fetch_video(ele)``: qwen-vl-utils' ``fetch_video`` reading files through its decord path, with a
   PyAV-backed stand-in for decord (decord is not installable here).
+- ``builtin_pil_image_processor()``: transformers' PIL image processor class, whichever version is installed.
 - Paths of real photos and clips that ship inside installed packages.
 """
 
@@ -54,6 +55,22 @@ def _torchvision_stubs() -> dict:
         "torchvision.transforms": transforms,
         "torchvision.transforms.functional": functional,
     }
+
+
+def builtin_pil_image_processor():
+    """transformers' torchvision-free Qwen2-VL image processor class.
+
+    5.x names it ``Qwen2VLImageProcessorPil`` (its plain ``Qwen2VLImageProcessor`` needs torchvision); 4.x has no
+    such module, and there the plain ``Qwen2VLImageProcessor`` is the PIL/numpy one. This is the one place the
+    tests tell the two apart.
+    """
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    except ImportError:  # transformers 4.x
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+        return Qwen2VLImageProcessor
+    return Qwen2VLImageProcessorPil
 
 
 def import_qwen_vl_utils():

@@ -109,9 +109,7 @@ REFERENCE_OPTIONS = {"return_tensors": "pt", "return_mm_token_type_ids": True}
 
 
 def builtin_processor(tokenizer, video_features=None, fps=None):
-    # transformers 5.x's torchvision-free class; on 4.x the plain one is PIL/numpy already
-    reference_class = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    image_processor = reference_class(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    image_processor = oracles.builtin_pil_image_processor()(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     return BuiltinProcessor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=VideoFeaturesStub(video_features, fps)
     )

@@ -1,0 +1,313 @@
+"""qwenvl against the built-in transformers Qwen2.5-VL, side by side in one process.
+
+Both models hold the same random weights (the built-in one is saved, ours loads that save) and see
+the same inputs. Each case alternates built-in and ours for several repetitions after a warm-up
+and reports medians; ratios are built-in time / our time (above 1: we are faster). Peak memory is
+measured in a fresh subprocess per model (peak RSS reset through /proc/self/clear_refs) and
+reported as ours / built-in (below 1: we use less).
+
+Usage:
+  python benchmarks/run.py --quick          # about 2-3 minutes on 2 CPU cores
+  python benchmarks/run.py --json           # the last line is one JSON object of the ratios
+"""
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The vision tower of the issue's baseline: width 320, 5 heads, depth 8, 112 px windows, 2 full layers.
+VISION = dict(
+    depth=8, hidden_size=320, intermediate_size=864, num_heads=5, out_hidden_size=256, hidden_act="silu",
+    window_size=112, fullatt_block_indexes=[3, 7], tokens_per_second=2, patch_size=14, spatial_merge_size=2,
+    temporal_patch_size=2, in_channels=3,
+)
+TEXT = dict(
+    vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}, rope_theta=1e6,
+    tie_word_embeddings=True,
+)
+PATCH_ROW = 3 * 2 * 14 * 14
+
+
+# --- models and inputs ------------------------------------------------------------------------
+
+
+def build_models(directory):
+    """The built-in model with random weights, and ours loaded from its save: the same weights."""
+    import transformers
+
+    from modeling_qwenvl import QwenVLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2_5_VLConfig(text_config=dict(TEXT), vision_config=dict(VISION), tie_word_embeddings=True)
+    builtin = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    builtin.save_pretrained(directory)
+    ours = QwenVLForConditionalGeneration.from_pretrained(directory).eval()
+    return builtin, ours
+
+
+def still_image_pixels(height, width, count=1, seed=0):
+    """Pixel rows of still images (each frame repeated, as the processor makes them)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = (height // 14) * (width // 14)
+    frame = torch.randn(count * rows, 3, 1, 14 * 14, generator=g)
+    pixels = frame.expand(-1, -1, 2, -1).reshape(count * rows, PATCH_ROW).contiguous()
+    grid = torch.tensor([[1, height // 14, width // 14]] * count)
+    return pixels, grid
+
+
+def video_pixels(frames, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t, side = frames // 2, size // 14
+    return torch.randn(t * side * side, PATCH_ROW, generator=g), torch.tensor([[t, side, side]])
+
+
+def vision_flops(grid, config):
+    """Multiply-adds x 2 of one vision forward (linear layers and attention matmuls)."""
+    width, inner, depth = config["hidden_size"], config["intermediate_size"], config["depth"]
+    frames = [(h * w, t) for t, h, w in grid.tolist()]
+    patches = sum(n * t for n, t in frames)
+    linear = 2 * patches * (PATCH_ROW * width + depth * (4 * width * width + 3 * width * inner))
+    merged = patches // 4
+    linear += 2 * merged * (16 * width * width + 4 * width * config["out_hidden_size"])
+    full_layers = len(config["fullatt_block_indexes"])
+    full_attention = sum(4 * n * n * width * t for n, t in frames) * full_layers
+    window_attention = 4 * patches * 64 * width * (depth - full_layers)  # windows of 8 x 8 patches at most
+    return linear + full_attention + window_attention
+
+
+def photo_1080p():
+    """A real photo (scikit-image's coffee) scaled to 1920 x 1080, as JPEG bytes."""
+    import skimage
+
+    path = os.path.join(os.path.dirname(skimage.__file__), "data", "coffee.png")
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").resize((1920, 1080), Image.BICUBIC).save(buffer, format="JPEG", quality=92)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+def compare(builtin_fn, our_fn, repetitions):
+    """Median seconds of each, alternating after one warm-up of each."""
+    builtin_fn(), our_fn()
+    times = {"builtin": [], "ours": []}
+    for _ in range(repetitions):
+        for name, fn in (("builtin", builtin_fn), ("ours", our_fn)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return statistics.median(times["builtin"]), statistics.median(times["ours"])
+
+
+def matmul_flops_per_second(size=1536, repetitions=5):
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repetitions))
+    return 2 * size**3 / best
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# --- peak memory, one fresh process per measurement -------------------------------------------
+
+
+def peak_memory_child(directory, which, implementation):
+    """Runs in a subprocess: the peak RSS increase (bytes) of one 1344 px vision forward."""
+    import transformers
+
+    from modeling_qwenvl import QwenVLForConditionalGeneration
+
+    torch.set_num_threads(2)
+    if which == "ours":
+        model = QwenVLForConditionalGeneration.from_pretrained(directory).eval()
+        model.model.visual.config._attn_implementation = implementation
+        run = lambda p, g: model.model.visual(p, g)  # noqa: E731
+    else:
+        model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            directory, attn_implementation=implementation
+        ).eval()
+        run = lambda p, g: model.model.visual(p, grid_thw=g)  # noqa: E731
+    pixels, grid = still_image_pixels(1344, 1344)
+    with torch.no_grad():
+        run(*still_image_pixels(56, 56))
+        baseline = _rss()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+        run(pixels, grid)
+    print(json.dumps({"peak_increase": _vm("VmHWM") - baseline}))
+
+
+def _vm(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _rss():
+    return _vm("VmRSS")
+
+
+def peak_memory(directory, which, implementation):
+    code = (
+        f"import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r});"
+        f"import run; run.peak_memory_child({str(directory)!r}, {which!r}, {implementation!r})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_increase"]
+
+
+# --- the cases -------------------------------------------------------------------------------
+
+
+def vision_case(builtin, ours, pixels, grid, repetitions):
+    with torch.no_grad():
+        return compare(
+            lambda: builtin.model.visual(pixels, grid_thw=grid), lambda: ours.model.visual(pixels, grid), repetitions
+        )
+
+
+def processor_case(repetitions):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from image_processing_qwenvl import QwenVLImageProcessor
+
+    image = photo_1080p()
+    builtin = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
+    ours = QwenVLImageProcessor()
+    assert torch.equal(
+        torch.as_tensor(builtin(images=[image], return_tensors="pt")["pixel_values"]),
+        ours(images=[image], return_tensors="pt")["pixel_values"],
+    )
+    return compare(lambda: builtin(images=[image], return_tensors="pt"), lambda: ours(images=[image], return_tensors="pt"),
+                   repetitions * 3)
+
+
+def generate_inputs():
+    pixels, grid = still_image_pixels(448, 448)
+    image_tokens = int(grid.prod()) // 4
+    ids = [151644, 872, 198, 151652] + [151655] * image_tokens + [151653, 3838, 374, 419, 30, 151645, 198, 151644, 77091, 198]
+    input_ids = torch.tensor([ids])
+    types = (input_ids == 151655).long()
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
+                image_grid_thw=grid, mm_token_type_ids=types)
+
+
+def generate_cases(builtin, ours, repetitions):
+    inputs = generate_inputs()
+    settings = dict(do_sample=False, pad_token_id=151643, eos_token_id=None)
+
+    def run(model, new_tokens):
+        with torch.no_grad():
+            return lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
+
+    prefill = compare(run(builtin, 1), run(ours, 1), repetitions)
+    full = compare(run(builtin, 32), run(ours, 32), repetitions)
+    decode = tuple(31 / max(f - p, 1e-9) for f, p in zip(full, prefill))  # tokens per second
+    return prefill, decode
+
+
+def train_case(builtin, ours, repetitions):
+    """One training step (forward, backward) on 4 samples with one 224 px image and a 4-token answer."""
+    pixels, grid = still_image_pixels(224, 224, count=4)
+    image_tokens = int(grid[0].prod()) // 4
+    prompt = [151644, 872, 198, 151652] + [151655] * image_tokens + [151653] + [3838, 374, 419, 30] * 8
+    ids = torch.tensor([prompt + [151645, 198, 151644, 77091, 198, 3838, 374, 419, 151645]] * 4)
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_grid_thw=grid,
+                 labels=labels)
+    builtin.train(), ours.train()
+
+    def step(model, **extra):
+        def run():
+            model.zero_grad(set_to_none=True)
+            model(**batch, **extra).loss.backward()
+        return run
+
+    try:
+        return compare(step(builtin), step(ours, labelled_logits_only=True), repetitions)
+    finally:
+        builtin.eval(), ours.eval()
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (about 2-3 minutes)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of all figures")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    repetitions = 3 if args.quick else 7
+    rows, results = [], {}
+
+    def record(name, builtin_value, our_value, unit, key=None, ratio=None):
+        ratio = builtin_value / our_value if ratio is None else ratio
+        rows.append((name, builtin_value, our_value, unit, ratio))
+        if key:
+            results[key] = round(ratio, 3)
+
+    with tempfile.TemporaryDirectory() as directory:
+        builtin, ours = build_models(directory)
+        machine_flops = matmul_flops_per_second()
+        pixels, grid = still_image_pixels(1344, 1344)
+        b, o = vision_case(builtin, ours, pixels, grid, repetitions)
+        record("vision 1344 px (sdpa)", b, o, "s", "vision_1344_speedup")
+        fraction = vision_flops(grid, VISION) / o / machine_flops
+        results["vision_1344_matmul_peak_fraction"] = round(fraction, 3)
+        results["machine_matmul_gflops"] = round(machine_flops / 1e9, 1)
+        b, o = vision_case(builtin, ours, *video_pixels(32, 448), repetitions)
+        record("vision video 32 x 448 px", b, o, "s", "vision_video_speedup")
+        b, o = vision_case(builtin, ours, *still_image_pixels(224, 224, count=16), repetitions)
+        record("vision 16 x 224 px images", b, o, "s", "vision_multi_image_speedup")
+        b, o = processor_case(repetitions)
+        record("image processor 1920x1080", b, o, "s", "processor_1080p_speedup")
+        (b, o), (bd, od) = generate_cases(builtin, ours, repetitions)
+        record("generate prefill (448 px)", b, o, "s", "generate_prefill_speedup")
+        record("generate decode", bd, od, "tok/s", "generate_decode_speedup", ratio=od / bd)
+        b, o = train_case(builtin, ours, repetitions)
+        record("train step (answers labelled)", b, o, "s", "train_step_speedup")
+        del builtin, ours
+        builtin_sdpa = peak_memory(directory, "builtin", "sdpa")
+        ours_eager = peak_memory(directory, "ours", "eager")
+        ours_sdpa = peak_memory(directory, "ours", "sdpa")
+        record("peak memory 1344 px, ours eager", builtin_sdpa / 2**20, ours_eager / 2**20, "MiB",
+               "vision_eager_1344_peak_mem_ratio", ratio=ours_eager / builtin_sdpa)
+        record("peak memory 1344 px, ours sdpa", builtin_sdpa / 2**20, ours_sdpa / 2**20, "MiB",
+               "vision_sdpa_1344_peak_mem_ratio", ratio=ours_sdpa / builtin_sdpa)
+
+    print(f"{'case':34s} {'built-in':>10s} {'ours':>10s}  unit   ratio")
+    for name, b, o, unit, ratio in rows:
+        print(f"{name:34s} {b:10.4g} {o:10.4g}  {unit:5s} {ratio:6.2f}")
+    print(f"vision 1344 px: {fraction:.2f} of the measured float32 matmul peak ({machine_flops / 1e9:.0f} GFLOP/s)")
+    print("time ratios are built-in / ours; the decode ratio is ours / built-in tokens per second; "
+          "memory ratios are ours / built-in")
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""Turn an official Qwen2-VL / Qwen2.5-VL checkpoint directory into a qwenvl model directory.
+
+    python convert_checkpoint.py --src Qwen2.5-VL-7B-Instruct --dst qwen25-vl-7b          # weights hard-linked
+    python convert_checkpoint.py --src Qwen2.5-VL-7B-Instruct --dst qwen25-vl-7b --copy   # weights copied
+
+The result loads anywhere, without this repo, with trust_remote_code=True:
+
+    AutoModelForImageTextToText.from_pretrained(dst, trust_remote_code=True)
+    AutoProcessor.from_pretrained(dst, trust_remote_code=True)
+    pipeline("image-text-to-text", model=dst, trust_remote_code=True)
+
+What DST receives:
+  config.json             the official config read through QwenVLConfig (model_type qwenvl), with auto_map
+  *_qwenvl.py             the four code files
+  tokenizer files         the source's if it has them, else this repo's (the same Qwen tokenizer);
+                          tokenizer_config.json gets padding_side "left", which batched generate needs
+  chat template           the source's (chat_template.jinja/.json, or the one inside tokenizer_config.json),
+                          else this repo's chat_template.jinja
+  preprocessor_config.json  our image processor and auto_map, keeping the source's min/max pixels
+  generation_config.json  the source's, else one made from the config
+  LICENSE, README.md      copied when present: the weights' licence travels with them
+  weights                 model.safetensors or the shards and model.safetensors.index.json, unchanged
+
+The weights are not rewritten: qwenvl renames the hub layout (model.layers.*, visual.*) while loading. They are
+hard-linked (no extra disk space; a symbolic link where SRC and DST are on different file systems) or, with
+--copy, copied. Nothing is loaded into memory: weight names and shapes are checked against the config from the
+safetensors headers alone.
+
+A hard link shares its data with the source file: writing into a linked file (for example save_pretrained into
+DST) would change the source checkpoint too. Save fine-tuned models to a new directory, or convert with --copy.
+"""
+
+import argparse
+import errno
+import json
+import os
+import re
+import shutil
+import struct
+
+import torch
+from transformers import GenerationConfig
+
+from configuration_qwenvl import QwenVLConfig
+from image_processing_qwenvl import QwenVLImageProcessor
+from modeling_qwenvl import AUTO_MAP, HUB_KEY_MAPPING, QwenVLForConditionalGeneration
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+OFFICIAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+CODE_FILES = ("configuration_qwenvl.py", "modeling_qwenvl.py", "processing_qwenvl.py", "image_processing_qwenvl.py")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+)
+CARRIED_FILES = ("LICENSE", "README.md")
+SINGLE_WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": "image_processing_qwenvl.QwenVLImageProcessor",
+    "AutoProcessor": "processing_qwenvl.QwenVLProcessor",
+}
+# The official preprocessor_config.json settings that our image processor takes over; the others name the
+# official classes.
+IMAGE_PROCESSOR_KEYS = (
+    "min_pixels", "max_pixels", "size", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
+    "image_std", "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb",
+)
+# os.link fails with these where the file system cannot hard-link (EXDEV: SRC and DST on different ones).
+NO_HARD_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+# ---- reading the source --------------------------------------------------------------------------------------
+
+
+def read_json_object(path):
+    """A JSON file that must hold an object (every config file does)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def read_official_config(src):
+    """The source's config.json as a dict, refused unless it is a Qwen2-VL or Qwen2.5-VL one."""
+    if not os.path.isdir(src):
+        raise ValueError(f"--src {src!r} is not a directory")
+    path = os.path.join(src, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{src} has no config.json, so it is not a model checkpoint directory")
+    config = read_json_object(path)
+    model_type = config.get("model_type")
+    if model_type not in OFFICIAL_MODEL_TYPES:
+        raise ValueError(
+            f"{path} has model_type {model_type!r}; expected {' or '.join(OFFICIAL_MODEL_TYPES)} "
+            "(an official Qwen2-VL or Qwen2.5-VL checkpoint)"
+        )
+    return config
+
+
+def qwenvl_config(official, src):
+    """Our config for the official one: either family and either config.json shape, with auto_map."""
+    try:
+        config = QwenVLConfig.from_dict(dict(official))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{os.path.join(src, 'config.json')} cannot be read as a qwenvl config: {error}") from error
+    config.architectures = ["QwenVLForConditionalGeneration"]
+    config.auto_map = dict(AUTO_MAP)
+    return config
+
+
+def weight_files(src):
+    """(file names to place in DST, the index file name or None, the index's weight map or None)."""
+    index_path = os.path.join(src, WEIGHTS_INDEX)
+    if os.path.isfile(index_path):
+        weight_map = read_json_object(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path} has no weight_map (tensor name -> shard file)")
+        shards = sorted(set(weight_map.values()))
+        nested = [shard for shard in shards if not isinstance(shard, str) or os.path.basename(shard) != shard]
+        if nested:
+            raise ValueError(f"{index_path} names shards that are not plain file names: {nested[:3]}")
+        missing = [shard for shard in shards if not os.path.isfile(os.path.join(src, shard))]
+        if missing:
+            raise ValueError(
+                f"{index_path} lists {len(missing)} shard(s) that are not in {src}: {missing[:5]} "
+                "(an incomplete download?)"
+            )
+        return shards, WEIGHTS_INDEX, weight_map
+    if os.path.isfile(os.path.join(src, SINGLE_WEIGHTS)):
+        return [SINGLE_WEIGHTS], None, None
+    others = sorted(name for name in os.listdir(src) if name.endswith((".safetensors", ".bin", ".pt", ".pth")))
+    hint = f"; found {others[:5]}, which are not that: save them as safetensors first" if others else ""
+    raise ValueError(f"{src} has no safetensors weights ({SINGLE_WEIGHTS} or {WEIGHTS_INDEX}){hint}")
+
+
+def safetensors_shapes(path):
+    """{tensor name: shape} from a safetensors file's JSON header, without reading any tensor data."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path} is not a safetensors file: it is shorter than a header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES:
+            raise ValueError(f"{path} is not a safetensors file: its header claims {length} bytes")
+        header = f.read(length)
+    try:
+        entries = json.loads(header)
+        entries.pop("__metadata__", None)
+        return {name: tuple(entry["shape"]) for name, entry in entries.items()}
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a safetensors file: its header cannot be read ({error!r})") from error
+
+
+def stored_shapes(src, shards, weight_map):
+    """{tensor name: shape} over all the weight files; with an index, each tensor must be in its listed shard."""
+    shapes, holder = {}, {}
+    for shard in shards:
+        for name, shape in safetensors_shapes(os.path.join(src, shard)).items():
+            shapes[name], holder[name] = shape, shard
+    for name, shard in (weight_map or {}).items():
+        if holder.get(name) != shard:
+            raise ValueError(f"{WEIGHTS_INDEX} puts {name!r} in {shard}, but that file does not hold it")
+    return shapes
+
+
+def canonical_name(name):
+    """The name a hub-layout weight gets on load (the first matching rule of HUB_KEY_MAPPING, as transformers does)."""
+    for pattern, replacement in HUB_KEY_MAPPING.items():
+        renamed, count = re.subn(pattern, replacement, name)
+        if count:
+            return renamed
+    return name
+
+
+def check_weights(config, shapes, src):
+    """Refuse weights whose names or shapes do not fit the config, comparing with a model built on the meta device
+    (no memory); a tied lm_head may be absent, as in the 2B/3B checkpoints."""
+    with torch.device("meta"):
+        model = QwenVLForConditionalGeneration(config)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    found = {canonical_name(name): shape for name, shape in shapes.items()}
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(found) - optional)
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [
+        f"{name} {found[name]} (config needs {expected[name]})"
+        for name in sorted(set(expected) & set(found)) if expected[name] != found[name]
+    ]
+    problems = [
+        f"{len(names)} {what}: {names[:4]}"
+        for what, names in (("missing", missing), ("unexpected", unexpected), ("with a wrong shape", wrong))
+        if names
+    ]
+    if problems:
+        raise ValueError(f"the weights in {src} do not fit its config.json: " + "; ".join(problems))
+
+
+# ---- the other files -----------------------------------------------------------------------------------------
+
+
+def tokenizer_directory(src):
+    """The source when it ships a tokenizer, else this repo (the same Qwen tokenizer)."""
+    has_tokenizer = os.path.isfile(os.path.join(src, "tokenizer.json")) or all(
+        os.path.isfile(os.path.join(src, name)) for name in ("vocab.json", "merges.txt")
+    )
+    return src if has_tokenizer else ROOT
+
+
+def left_padding(tokenizer_config_path):
+    """The tokenizer config with padding_side "left": generate continues each row after its last token."""
+    return dict(read_json_object(tokenizer_config_path), padding_side="left")
+
+
+def chat_template_file(src):
+    """(directory, file name) of the chat template to copy, or (None, None) when the source's template lives in
+    the tokenizer_config.json that is copied anyway."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if os.path.isfile(os.path.join(src, name)):
+            return src, name
+    tokenizer_config = os.path.join(src, "tokenizer_config.json")
+    if tokenizer_directory(src) == src and os.path.isfile(tokenizer_config):
+        if read_json_object(tokenizer_config).get("chat_template"):
+            return None, None
+    return ROOT, "chat_template.jinja"
+
+
+def preprocessor_config(src):
+    """Our image processor's config, keeping the source's settings (min/max pixels above all)."""
+    path = os.path.join(src, "preprocessor_config.json")
+    official = read_json_object(path) if os.path.isfile(path) else {}
+    settings = {key: official[key] for key in IMAGE_PROCESSOR_KEYS if key in official}
+    try:
+        processor = QwenVLImageProcessor(**settings)  # refuse now what the processor would refuse when loading
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path} has settings the qwenvl image processor cannot use: {error}") from error
+    config = {key: value for key, value in processor.to_dict().items() if not key.startswith("_")}
+    config.update(
+        auto_map=dict(PROCESSOR_AUTO_MAP), image_processor_type="QwenVLImageProcessor", processor_class="QwenVLProcessor"
+    )
+    return config
+
+
+def write_json(path, data):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def check_destination(dst):
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ValueError(f"--dst {dst!r} exists and is not a directory")
+    if os.path.isdir(dst) and os.listdir(dst):
+        raise ValueError(f"--dst {dst!r} is not empty: choose a new or empty directory (nothing is overwritten)")
+
+
+def place_weights(source, target, copy):
+    """Copy, or hard-link (a symbolic link to the real file where the file system cannot); returns which."""
+    if copy:
+        shutil.copyfile(source, target)
+        return "copied"
+    try:
+        os.link(source, target)  # follows a symbolic source (a Hub cache snapshot) to the real file
+        return "hard-linked"
+    except OSError as error:
+        if error.errno not in NO_HARD_LINK:
+            raise
+    os.symlink(os.path.realpath(source), target)
+    return "symlinked"
+
+
+# ---- conversion ----------------------------------------------------------------------------------------------
+
+
+def convert(src, dst, copy=False):
+    """Convert the official checkpoint directory `src` into the qwenvl directory `dst` (new or empty).
+
+    Everything is checked before anything is written. Returns {file name in dst: how it got there}.
+    """
+    official = read_official_config(src)
+    config = qwenvl_config(official, src)
+    shards, index, weight_map = weight_files(src)
+    check_weights(config, stored_shapes(src, shards, weight_map), src)
+    processor_config = preprocessor_config(src)
+    tokenizer_dir = tokenizer_directory(src)
+    template_dir, template_name = chat_template_file(src)
+    generation_path = os.path.join(src, "generation_config.json")
+    if os.path.isfile(generation_path):
+        read_json_object(generation_path)  # copied as it is, but refused now if it is not a config
+    check_destination(dst)
+
+    os.makedirs(dst, exist_ok=True)
+    written = {}
+
+    def copy_file(directory, name, how):
+        shutil.copyfile(os.path.join(directory, name), os.path.join(dst, name))
+        written[name] = how
+
+    config.to_json_file(os.path.join(dst, "config.json"))
+    written["config.json"] = "written (model_type qwenvl, auto_map)"
+    for name in CODE_FILES:
+        copy_file(ROOT, name, "copied from qwenvl")
+    for name in TOKENIZER_FILES:
+        if name == "tokenizer_config.json" and os.path.isfile(os.path.join(tokenizer_dir, name)):
+            write_json(os.path.join(dst, name), left_padding(os.path.join(tokenizer_dir, name)))
+            written[name] = f"from {'the source' if tokenizer_dir == src else 'qwenvl'}, padding_side left"
+        elif os.path.isfile(os.path.join(tokenizer_dir, name)):
+            copy_file(tokenizer_dir, name, "copied from " + ("the source" if tokenizer_dir == src else "qwenvl"))
+    if template_name is not None:
+        copy_file(template_dir, template_name, "copied from " + ("the source" if template_dir == src else "qwenvl"))
+    write_json(os.path.join(dst, "preprocessor_config.json"), processor_config)
+    written["preprocessor_config.json"] = "written (QwenVLImageProcessor, auto_map)"
+    if os.path.isfile(generation_path):
+        copy_file(src, "generation_config.json", "copied from the source")
+    else:
+        GenerationConfig.from_model_config(config).save_pretrained(dst)
+        written["generation_config.json"] = "written from the config"
+    for name in CARRIED_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            copy_file(src, name, "copied from the source")
+    if index is not None:
+        copy_file(src, index, "copied from the source")
+    for shard in shards:
+        written[shard] = place_weights(os.path.join(src, shard), os.path.join(dst, shard), copy)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", required=True, help="the official checkpoint directory (config.json, safetensors)")
+    parser.add_argument("--dst", required=True, help="the qwenvl directory to create (new or empty)")
+    parser.add_argument("--copy", action="store_true", help="copy the weight files instead of hard-linking them")
+    args = parser.parse_args(argv)
+    try:
+        written = convert(args.src, args.dst, copy=args.copy)
+    except ValueError as error:
+        parser.exit(2, f"convert_checkpoint.py: error: {error}\n")
+    for name, how in written.items():
+        print(f"{name:40s} {how}")
+    print(f"\n{args.dst} loads with AutoModelForImageTextToText / AutoProcessor (trust_remote_code=True).")
+
+
+if __name__ == "__main__":
+    main()

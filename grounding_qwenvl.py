@@ -1,0 +1,304 @@
+"""Grounding: read the boxes and points that Qwen2.5-VL and Qwen2-VL write, map them to the original image's pixels,
+and draw them.
+
+Qwen2.5-VL answers a grounding request ("Locate every cat and output bbox coordinates in JSON format.") with JSON in
+absolute pixels of the image it saw, i.e. the resized one (`grid_w * 14` by `grid_h * 14`), often inside a fence:
+
+    ```json
+    [{"bbox_2d": [x1, y1, x2, y2], "label": "cat"}, {"point_2d": [x, y], "label": "dog"}]
+    ```
+
+Qwen2-VL writes special tokens, with coordinates in [0, 1000) of the image's width and height:
+
+    <|object_ref_start|>cat<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
+
+Those markers are special tokens: decode the answer with `skip_special_tokens=False`, or they are gone.
+
+What is an error: text without any grounding (no "bbox_2d" / "point_2d", no `<|box_start|>`) gives an empty list,
+because a model may rightly answer in words; text that has grounding which cannot be read (invalid or truncated JSON,
+a box without four numbers, an unclosed `<|box_start|>`) raises ValueError saying what is wrong, so a bad answer is
+never mistaken for "nothing found".
+
+    from grounding_qwenvl import ground, draw_boxes
+    objects = ground(answer, "2.5", image.size, image_grid_thw=inputs["image_grid_thw"])
+    draw_boxes(image, objects).save("grounded.png")
+
+Sizes are (width, height), as PIL's `Image.size`.
+"""
+
+import json
+import math
+import numbers
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from PIL import Image, ImageDraw, ImageFont
+
+FAMILIES = ("2.5", "2")
+QWEN2_SCALE = 1000  # Qwen2-VL's coordinates are in [0, 1000) of each side
+PATCH_SIZE = 14
+GROUNDING_KEYS = ("bbox_2d", "point_2d")
+GROUNDING_KEY = re.compile(r"\b(?:bbox_2d|point_2d)\b")
+JSON_START = re.compile(r"[\[{]")
+QWEN2_MARKUP = re.compile(
+    r"<\|object_ref_start\|>(?P<label>.*?)<\|object_ref_end\|>|<\|box_start\|>(?P<box>.*?)<\|box_end\|>", re.S
+)
+ADJACENT = re.compile(r"[\s,;]*")
+NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
+QWEN2_BOX = re.compile(rf"^\s*\({NUMBER},{NUMBER}\)\s*,\s*\({NUMBER},{NUMBER}\)\s*$")
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230))
+
+
+@dataclass(frozen=True)
+class GroundedObject:
+    """One grounded object: a box (x1, y1, x2, y2) with x1 <= x2 and y1 <= y2, and/or a point (x, y)."""
+
+    label: str
+    box: Optional[tuple] = None
+    point: Optional[tuple] = None
+
+
+# ---- reading model output ----------------------------------------------------------------------------------------
+
+
+def parse_qwen25(text):
+    """Qwen2.5-VL's JSON grounding, in its own coordinates (pixels of the resized image).
+
+    Reads dicts and lists of dicts, inside a ```json fence or not, several JSON values in a row, and skips the
+    text around them. Every bbox_2d / point_2d in the text must be read, or ValueError (truncated or invalid JSON).
+    """
+    _check_text(text)
+    mentions = len(GROUNDING_KEY.findall(text))
+    if mentions == 0:
+        return []
+    items = list(_grounding_dicts(_json_values(text)))  # fences need no handling: backticks are not JSON
+    read = sum(key in item for item in items for key in GROUNDING_KEYS)
+    if read != mentions:
+        raise ValueError(
+            f"the answer has {mentions} bbox_2d/point_2d entries but only {read} are in valid JSON "
+            f"(truncated output? raise max_new_tokens): {_excerpt(text)}"
+        )
+    return [_object_from_json(item, index) for index, item in enumerate(items)]
+
+
+def parse_qwen2(text):
+    """Qwen2-VL's `<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>` grounding,
+    in its own coordinates ([0, 1000)). A box takes the label of the object reference right before it (only spaces
+    or commas between), so one reference followed by several boxes labels them all; a box on its own gets ""."""
+    _check_text(text)
+    if text.count("<|box_start|>") != text.count("<|box_end|>"):
+        raise ValueError(f"the answer has an unclosed <|box_start|> (truncated output?): {_excerpt(text)}")
+    objects, label, previous_end = [], "", 0
+    for match in QWEN2_MARKUP.finditer(text):
+        if not ADJACENT.fullmatch(text, previous_end, match.start()):
+            label = ""  # words between: this box belongs to no reference
+        previous_end = match.end()
+        if match.group("box") is None:
+            label = match.group("label").strip()
+            continue
+        corners = QWEN2_BOX.match(match.group("box"))
+        if corners is None:
+            raise ValueError(f"a Qwen2-VL box must read (x1,y1),(x2,y2), got {match.group('box')!r}")
+        objects.append(GroundedObject(label, box=_ordered_box([float(v) for v in corners.groups()])))
+    if len(objects) != text.count("<|box_start|>"):
+        raise ValueError(f"a <|box_start|> is not followed by its <|box_end|>: {_excerpt(text)}")
+    return objects
+
+
+def parse_grounding(text, family):
+    """The objects in a model answer, in the model's coordinates; `family` is "2.5" or "2"."""
+    return parse_qwen25(text) if _check_family(family) == "2.5" else parse_qwen2(text)
+
+
+# ---- mapping to the original image -------------------------------------------------------------------------------
+
+
+def resized_size_from_grid(image_grid_thw, patch_size=PATCH_SIZE):
+    """(width, height) of the image the model saw, from its `image_grid_thw` row (t, h, w) in patches."""
+    grid = image_grid_thw.tolist() if hasattr(image_grid_thw, "tolist") else image_grid_thw
+    if isinstance(grid, (list, tuple)) and len(grid) == 1 and isinstance(grid[0], (list, tuple)):
+        grid = grid[0]  # a [1, 3] batch of one image
+    if not (isinstance(grid, (list, tuple)) and len(grid) == 3 and all(_is_positive_int(v) for v in grid)):
+        raise ValueError(
+            f"image_grid_thw must be one image's (t, h, w) in patches, got {image_grid_thw!r}; for several images "
+            "pass the row of the image the answer is about"
+        )
+    return grid[2] * patch_size, grid[1] * patch_size
+
+
+def to_original_pixels(objects, family, original_size, resized_size=None):
+    """Map objects from the model's coordinates to pixels of the original image, clamped to the image.
+
+    Qwen2.5-VL's coordinates are pixels of the resized image, so `resized_size` (width, height) is needed;
+    Qwen2-VL's are in [0, 1000) of each side, so it is not used there.
+    """
+    width, height = _check_size(original_size, "original_size")
+    if _check_family(family) == "2.5":
+        if resized_size is None:
+            raise ValueError("Qwen2.5-VL coordinates are pixels of the resized image: pass resized_size or image_grid_thw")
+        from_width, from_height = _check_size(resized_size, "resized_size")
+    else:
+        from_width = from_height = QWEN2_SCALE
+    scale_x, scale_y = width / from_width, height / from_height
+
+    def x(value):
+        return min(max(value * scale_x, 0.0), float(width))
+
+    def y(value):
+        return min(max(value * scale_y, 0.0), float(height))
+
+    mapped = []
+    for item in objects:
+        if not isinstance(item, GroundedObject):
+            raise TypeError(f"objects must be GroundedObject items, got {type(item).__name__}")
+        box = (x(item.box[0]), y(item.box[1]), x(item.box[2]), y(item.box[3])) if item.box else None
+        point = (x(item.point[0]), y(item.point[1])) if item.point else None
+        mapped.append(GroundedObject(item.label, box=box, point=point))
+    return mapped
+
+
+def ground(text, family, original_size, image_grid_thw=None, resized_size=None):
+    """Parse a model answer and map its objects to the original image's pixels.
+
+    For Qwen2.5-VL give the image's `image_grid_thw` row (from the processor's output) or `resized_size`
+    (width, height) of the image the model saw; not both.
+    """
+    if image_grid_thw is not None and resized_size is not None:
+        raise ValueError("pass image_grid_thw or resized_size, not both")
+    if image_grid_thw is not None:
+        resized_size = resized_size_from_grid(image_grid_thw)
+    return to_original_pixels(parse_grounding(text, family), family, original_size, resized_size)
+
+
+# ---- drawing -----------------------------------------------------------------------------------------------------
+
+
+def draw_boxes(image, objects, line_width=None):
+    """A copy of `image` (a PIL image or a path) with each object's box and/or point drawn and labelled; one colour
+    per label. Coordinates are pixels of this image (see `to_original_pixels`)."""
+    if isinstance(image, str):
+        image = Image.open(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image or a path, got {type(image).__name__}")
+    canvas = image.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    line_width = line_width or max(2, round(min(canvas.size) / 200))
+    font = ImageFont.load_default(size=max(10, min(canvas.size) // 30))
+    colours = {}
+    for item in objects:
+        if not isinstance(item, GroundedObject):
+            raise TypeError(f"objects must be GroundedObject items, got {type(item).__name__}")
+        colour = colours.setdefault(item.label, PALETTE[len(colours) % len(PALETTE)])
+        if item.box:
+            draw.rectangle(item.box, outline=colour, width=line_width)
+        if item.point:
+            radius = 2 * line_width + 1
+            px, py = item.point
+            draw.ellipse((px - radius, py - radius, px + radius, py + radius), fill=colour, outline=(255, 255, 255))
+    for item in objects:  # labels last, so that no box is drawn over one
+        if item.label:
+            anchor = item.box[:2] if item.box else item.point
+            _draw_label(draw, item.label, anchor, colours[item.label], font)
+    return canvas
+
+
+def _draw_label(draw, label, anchor, colour, font):
+    """The label on a filled tag just above the anchor, or just below it at the top edge of the image."""
+    left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+    tag_height = bottom - top + 4
+    x, y = anchor
+    y = y - tag_height if y >= tag_height else y
+    draw.rectangle((x, y, x + right - left + 4, y + tag_height), fill=colour)
+    draw.text((x + 2 - left, y + 2 - top), label, fill=(255, 255, 255), font=font)
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _json_values(text):
+    """Every JSON object or array in `text`, left to right, skipping text that is not JSON."""
+    decoder, values, position = json.JSONDecoder(), [], 0
+    while (start := JSON_START.search(text, position)) is not None:
+        try:
+            value, position = decoder.raw_decode(text, start.start())
+            values.append(value)
+        except json.JSONDecodeError:
+            position = start.start() + 1  # not JSON from here: look for the next opening bracket
+    return values
+
+
+def _grounding_dicts(values):
+    """The dicts with a bbox_2d or point_2d among JSON values, lists included, in order."""
+    for value in values:
+        if isinstance(value, list):
+            yield from _grounding_dicts(value)
+        elif isinstance(value, dict) and any(key in value for key in GROUNDING_KEYS):
+            yield value
+
+
+def _object_from_json(item, index):
+    box = _numbers(item, "bbox_2d", 4, index)
+    point = _numbers(item, "point_2d", 2, index)
+    label = item.get("label", "")
+    return GroundedObject(str(label) if label is not None else "", box=_ordered_box(box) if box else None, point=point)
+
+
+def _numbers(item, key, count, index):
+    if key not in item:
+        return None
+    values = item[key]
+    if not (
+        isinstance(values, list)
+        and len(values) == count
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    ):
+        raise ValueError(f"entry {index}: {key} must be a list of {count} numbers, got {values!r}")
+    return tuple(float(v) for v in values)
+
+
+def _ordered_box(values):
+    """(x1, y1, x2, y2) with the corners in either order, as (left, top, right, bottom)."""
+    x1, y1, x2, y2 = values
+    return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
+
+
+def _check_text(text):
+    if not isinstance(text, str):
+        raise TypeError(f"the model answer must be a string, got {type(text).__name__}")
+
+
+def _check_family(family):
+    if family not in FAMILIES:
+        raise ValueError(f"family must be '2.5' (Qwen2.5-VL) or '2' (Qwen2-VL), got {family!r}")
+    return family
+
+
+def _check_size(size, name):
+    if not (
+        isinstance(size, (list, tuple))
+        and len(size) == 2
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+        raise ValueError(f"{name} must be (width, height) in pixels, got {size!r}")
+    return float(size[0]), float(size[1])
+
+
+def _is_positive_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _excerpt(text, limit=120):
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+__all__ = [
+    "GroundedObject",
+    "parse_qwen25",
+    "parse_qwen2",
+    "parse_grounding",
+    "resized_size_from_grid",
+    "to_original_pixels",
+    "ground",
+    "draw_boxes",
+]
