@@ -68,8 +68,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that also normalises a wider input than its weights (float16 guard, see below)."""
+
+    def forward(self, x):
+        if x.dtype == self.weight.dtype:
+            return super().forward(x)
+        return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
 def make_norm(norm_type, dim):
-    return RMSNorm(dim, eps=1e-6) if norm_type == "rmsnorm" else nn.LayerNorm(dim, eps=1e-6)
+    return RMSNorm(dim, eps=1e-6) if norm_type == "rmsnorm" else LayerNorm(dim, eps=1e-6)
 
 
 def rotate_half(x):
@@ -223,11 +232,21 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
         self.config = config
 
-    def forward(self, x, runs, cos, sin):  # x: [N, hidden]
-        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1).unbind(1)
+    def forward(self, x, runs, cos, sin):  # x: [N, hidden], the residual stream's dtype
+        q, k, v = self.qkv(x.to(self.qkv.weight.dtype)).view(x.shape[0], 3, self.num_heads, -1).unbind(1)
         q, k = apply_vision_rotary(q, k, cos, sin)
         out = packed_attention(q, k, v, runs, self.config._attn_implementation)
-        return self.proj(out.flatten(1))
+        return project(self.proj, out.flatten(1), x.dtype)
+
+
+def project(layer, x, dtype):
+    """layer(x) in `dtype`. For float16 weights the vision tower keeps its residual stream in
+    float32 (`dtype`), and the projections that write into it run in float32 too: the official
+    weights grow activations beyond float16's range (65504) in the last blocks."""
+    if dtype == layer.weight.dtype:
+        return layer(x)
+    bias = layer.bias.to(dtype) if layer.bias is not None else None
+    return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
 
 
 def apply_vision_rotary(q, k, cos, sin):
@@ -252,10 +271,11 @@ class VisionMLP(nn.Module):
             self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
             self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
 
-    def forward(self, x):
+    def forward(self, x):  # x: the residual stream's dtype
         if self.gated:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.fc2(self.act(self.fc1(x)))
+            h = x.to(self.gate_proj.weight.dtype)
+            return project(self.down_proj, self.act(self.gate_proj(h)) * self.up_proj(h), x.dtype)
+        return project(self.fc2, self.act(self.fc1(x.to(self.fc1.weight.dtype))), x.dtype)
 
 
 class VisionBlock(nn.Module):
@@ -283,7 +303,7 @@ class PatchMerger(nn.Module):
         )
 
     def forward(self, x):  # [N, hidden] -> [M, out_hidden]
-        return self.mlp(self.ln_q(x).view(-1, self.group_dim))
+        return self.mlp(self.ln_q(x).view(-1, self.group_dim).to(self.mlp[0].weight.dtype))
 
 
 class QwenVLPreTrainedModel(PreTrainedModel):
@@ -423,6 +443,8 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
     def encode(self, pixel_values, grid_thw):
         plan = self.grid_plan(grid_thw, pixel_values.device)
         x = self.patch_embed(pixel_values)
+        if x.dtype == torch.float16:
+            x = x.float()  # the float16 guard: see `project`
         if plan.window_index is not None:
             x = to_window_order(x, plan.window_index)
         for i, block in enumerate(self.blocks):

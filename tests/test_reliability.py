@@ -16,30 +16,17 @@ import contextlib
 import pytest
 import torch
 
-from configuration_qwenvl import QwenVLConfig
 from modeling_qwenvl import CACHE_NAME, QwenVLForConditionalGeneration
-from tiny import PAD, TEXT, TOKEN_IDS, VISION_2, VISION_25, left_pad, pixels, sequence
+from tiny import PAD, left_pad, pixels, qwenvl_model, sequence
 
 FAMILIES = ["2.5", "2"]
 ATOL = 1e-5
 GREEDY = dict(do_sample=False, pad_token_id=PAD, eos_token_id=None)
 
 
-def tiny_model(family, seed=0, **loading):
-    """Our model of `family` with random weights, scaled up (as tests/tiny.py does) so greedy choices are decisive."""
-    torch.manual_seed(seed)
-    vision = dict(VISION_25) if family == "2.5" else dict(VISION_2)
-    model = QwenVLForConditionalGeneration(QwenVLConfig(vision_config=vision, **{**TEXT, **TOKEN_IDS}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1 and "embed" not in name:
-                p.mul_(3.0)
-    return model.eval()
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request):
-    return tiny_model(request.param)
+    return qwenvl_model(request.param)
 
 
 class Sample:
@@ -119,7 +106,7 @@ def test_left_padded_batch_generates_each_sample_alone(model):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eager_equals_sdpa_for_the_whole_model(family, tmp_path):
-    tiny_model(family).save_pretrained(tmp_path)
+    qwenvl_model(family).save_pretrained(tmp_path)
     samples = mixed_samples()
     ids, mask = left_pad([s.ids for s in samples])
     logits = {}

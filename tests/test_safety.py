@@ -21,10 +21,9 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from configuration_qwenvl import QwenVLConfig
 from modeling_qwenvl import QwenVLForConditionalGeneration, QwenVLModel
 from processing_qwenvl import QwenVLProcessor
-from tiny import TEXT, TOKEN_IDS, VISION_25
+from tiny import qwenvl_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE_FILES = ["configuration_qwenvl.py", "modeling_qwenvl.py", "processing_qwenvl.py", "image_processing_qwenvl.py"]
@@ -37,8 +36,7 @@ IMPORT_NAMES = {"pillow": "PIL"}
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     """A tiny model saved by save_pretrained (safetensors, code files, auto_map)."""
-    torch.manual_seed(0)
-    model = QwenVLForConditionalGeneration(QwenVLConfig(vision_config=dict(VISION_25), **{**TEXT, **TOKEN_IDS}))
+    model = qwenvl_model("2.5")
     directory = tmp_path_factory.mktemp("qwenvl")
     model.save_pretrained(directory)
     return model, directory

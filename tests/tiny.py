@@ -44,6 +44,21 @@ def reference_model(family, seed=0, tie=False):
     return model.eval()
 
 
+def qwenvl_model(family, seed=0):
+    """Our model of `family` ("2.5" or "2") with the same tiny config, scaled the same way, in float32 eval mode."""
+    from configuration_qwenvl import QwenVLConfig
+    from modeling_qwenvl import QwenVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(VISION_25) if family == "2.5" else dict(VISION_2)
+    model = QwenVLForConditionalGeneration(QwenVLConfig(vision_config=vision, **{**TEXT, **TOKEN_IDS}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and "embed" not in name:
+                p.mul_(3.0)
+    return model.eval()
+
+
 def sequence(*parts, merge=2):
     """Token ids from parts: an int list is text, ("image", (t, h, w)) / ("video", (t, h, w)) a span."""
     ids = []
