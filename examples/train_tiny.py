@@ -14,7 +14,6 @@ Usage: python examples/train_tiny.py [--output-dir DIR] [--steps N] [--seed S] .
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil

@@ -1,10 +1,6 @@
 """Processor + model together, with the real tokenizer: our pair against the built-in pair on the
 same weights, the image-text-to-text pipeline on a qwenvl directory, and the embedded model."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

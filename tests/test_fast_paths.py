@@ -1,0 +1,117 @@
+"""The shortcuts that make the model fast give the same results as the plain computation:
+labelled-only logits, chunked vision encoding, the folded patch embedding of still images,
+query-chunked eager attention, and grid plans cached per shape."""
+
+import pytest
+import torch
+
+import modeling_qwenvl
+from modeling_qwenvl import QwenVLForConditionalGeneration, chunks_of_frames
+from tiny import PATCH_ROW, pixels, reference_model, sequence
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    reference = reference_model("2.5")
+    directory = tmp_path_factory.mktemp("fast")
+    reference.save_pretrained(directory)
+    return reference, QwenVLForConditionalGeneration.from_pretrained(directory).eval()
+
+
+def still_pixels(*grids, seed=0):
+    """Pixel rows of still images: each row's two frames are the same, as the processor makes them."""
+    moving, grid = pixels(*grids, seed=seed)
+    frames = moving.view(moving.shape[0], 3, 2, -1)
+    return frames[:, :, :1].expand_as(frames).reshape(-1, PATCH_ROW).contiguous(), grid
+
+
+def test_labelled_logits_only_gives_the_same_loss_and_gradients(pair):
+    _, ours = pair
+    image, grid = still_pixels((1, 8, 8))
+    ids = torch.tensor([sequence([5, 6], ("image", (1, 8, 8)), [7, 8, 9, 10])] * 2)
+    labels = torch.full_like(ids, -100)
+    labels[:, -3:] = ids[:, -3:]
+    batch = dict(input_ids=ids, pixel_values=torch.cat([image, image]), image_grid_thw=torch.cat([grid, grid]),
+                 labels=labels)
+
+    def loss_and_grads(**option):
+        ours.zero_grad()
+        loss = ours(**batch, **option).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
+
+    full_loss, full_grads = loss_and_grads()
+    loss, grads = loss_and_grads(labelled_logits_only=True)
+    ours.zero_grad()
+    assert torch.allclose(loss, full_loss, atol=1e-6)
+    for name, grad in full_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-6), name
+    with torch.no_grad():
+        logits = ours(**batch, labelled_logits_only=True).logits
+    assert logits.shape == (2 * 3, ours.config.vocab_size)
+
+
+def test_still_images_use_the_folded_patch_embedding_and_match_the_reference(pair):
+    reference, ours = pair
+    image, grid = still_pixels((1, 12, 12), (1, 8, 16))
+    with torch.no_grad():
+        expected = reference.model.visual(image, grid_thw=grid)
+        expected = getattr(expected, "pooler_output", expected)
+        got = ours.model.visual(image, grid)
+        folded = ours.model.visual.patch_embed(image)
+        plain = image @ ours.model.visual.patch_embed.proj.weight.flatten(1).t()
+    assert (got - expected).abs().max() < 1e-5
+    assert (folded - plain).abs().max() < 1e-5
+
+
+def test_chunking_cuts_only_between_frames():
+    grid = torch.tensor([[1, 8, 8], [3, 4, 4], [1, 16, 16]])
+    chunks = chunks_of_frames(grid, max_patches=80)
+    assert [g.tolist() for _, _, g in chunks] == [[[1, 8, 8], [1, 4, 4]], [[2, 4, 4]], [[1, 16, 16]]]
+    assert [(s, e) for s, e, _ in chunks] == [(0, 80), (80, 112), (112, 368)]
+
+
+def test_chunked_vision_encoding_equals_one_pass(pair):
+    _, ours = pair
+    video, video_grid = pixels((4, 8, 8), seed=1)
+    image, image_grid = still_pixels((1, 12, 12))
+    pixel_values, grid = torch.cat([image, video]), torch.cat([image_grid, video_grid])
+    visual = ours.model.visual
+    with torch.no_grad():
+        whole = visual(pixel_values, grid)
+        visual.config.max_patches_per_chunk = 100  # every frame its own chunk
+        try:
+            chunked = visual(pixel_values, grid)
+        finally:
+            visual.config.max_patches_per_chunk = 65536
+    assert (chunked - whole).abs().max() < 1e-5
+
+
+def test_eager_attention_in_query_chunks_equals_sdpa(pair, monkeypatch):
+    _, ours = pair
+    pixel_values, grid = pixels((1, 28, 20), (2, 8, 8))
+    visual = ours.model.visual
+    with torch.no_grad():
+        sdpa = visual(pixel_values, grid)
+        monkeypatch.setattr(modeling_qwenvl, "EAGER_SCORE_BUDGET", 4096)  # many small query chunks
+        visual.config._attn_implementation = "eager"
+        try:
+            eager = visual(pixel_values, grid)
+        finally:
+            visual.config._attn_implementation = "sdpa"
+    assert (eager - sdpa).abs().max() < 1e-5
+
+
+def test_grid_plans_are_computed_once_per_shape(pair, monkeypatch):
+    _, ours = pair
+    visual = ours.model.visual
+    visual._plans.clear()
+    calls = []
+    original = modeling_qwenvl.plan_grids
+    monkeypatch.setattr(modeling_qwenvl, "plan_grids", lambda *a: calls.append(1) or original(*a))
+    pixel_values, grid = pixels((1, 8, 8))
+    with torch.no_grad():
+        for _ in range(3):
+            visual(pixel_values, grid)
+        visual(*pixels((1, 8, 12)))
+    assert len(calls) == 2
