@@ -33,11 +33,16 @@ FACTOR, PATCH, ROW = 28, 14, 3 * 2 * 14 * 14
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 
 
+def side(max_side):
+    """A side length in [1, max_side], log-uniform: tiny, medium and huge sides are all common."""
+    return st.integers(0, 1000).map(lambda k: max(1, round(max_side ** (k / 1000))))
+
+
 @st.composite
 def sizes(draw, max_side=8000, max_area=MAX_AREA):
     """(height, width) from 1 px up, long thin strips included."""
-    height = draw(st.integers(1, max_side))
-    width = draw(st.integers(1, max(1, min(max_side, max_area // height))))
+    height = draw(side(max_side))
+    width = draw(side(max(1, min(max_side, max_area // height))))
     return (height, width) if draw(st.booleans()) else (width, height)
 
 
@@ -58,7 +63,7 @@ def picture(kind, height, width, seed):
     if kind == "uint8 tensor":
         return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # (C, H, W), as torch images are
     if kind == "I;16":
-        return PIL.Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257, mode="I;16")
+        return PIL.Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)  # mode I;16
     if kind == "P":
         return rgb.convert("P", palette=PIL.Image.Palette.ADAPTIVE, colors=16)
     return rgb.convert(kind)
