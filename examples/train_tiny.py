@@ -111,17 +111,19 @@ class Encoder:
 
 
 class QuestionSet(torch.utils.data.Dataset):
-    """Question i is drawn from its own seeded generator: any order of indices gives the same data."""
+    """Question i is drawn from its own seeded generator: any order of indices gives the same data.
+    Tasks come in a fixed rotation in which each task appears `weights[task]` times."""
 
-    def __init__(self, encoder, seed, size):
+    def __init__(self, encoder, seed, size, weights):
         self.encoder, self.seed, self.size = encoder, seed, size
+        self.rotation = [task for task in tasks.TASKS for _ in range(weights.get(task, 1))]
 
     def __len__(self):
         return self.size
 
     def __getitem__(self, index):
         rng = random.Random(self.seed * 1_000_003 + index)
-        return self.encoder(tasks.sample(tasks.TASKS[index % len(tasks.TASKS)], rng))
+        return self.encoder(tasks.sample(self.rotation[index % len(self.rotation)], rng))
 
 
 def collate(batch, pad_id):
@@ -195,12 +197,13 @@ class AnswerVocabularyTrainer(Trainer):
 
 
 class Progress(TrainerCallback):
-    """Prints loss, steps/s and, every `every` steps, accuracy per task on held-out questions,
-    exporting the model each time (so an interrupted run still leaves its latest model)."""
+    """Prints loss and steps/s; every `every` steps merges the trained rows into a plain model,
+    prints its accuracy per task on held-out questions and exports it (so an interrupted run
+    still leaves its latest model)."""
 
-    def __init__(self, evaluate, every, log_path, export):
-        self.evaluate, self.every, self.log_path, self.export = evaluate, every, log_path, export
-        self.start = time.time()
+    def __init__(self, snapshot, evaluate, every, log_path, output_dir):
+        self.snapshot, self.evaluate, self.every = snapshot, evaluate, every
+        self.log_path, self.output_dir, self.start = log_path, output_dir, time.time()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -208,20 +211,19 @@ class Progress(TrainerCallback):
             print(f"step {state.global_step} loss {logs['loss']:.4f} {state.global_step / elapsed:.2f} steps/s "
                   f"{elapsed / 60:.1f} min", flush=True)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs):
         if self.every and state.global_step % self.every == 0:
-            model.eval()
-            scores = self.evaluate(model)
-            model.train()
-            record = {"step": state.global_step, "minutes": round((time.time() - self.start) / 60, 1), **scores}
+            plain = self.snapshot()
+            record = {"step": state.global_step, "minutes": round((time.time() - self.start) / 60, 1),
+                      **self.evaluate(plain)}
             print(json.dumps(record), flush=True)
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            self.export()
+            export(plain, self.output_dir)
 
 
-def export(model, rows, output_dir):
-    """Save a plain qwenvl model (bf16, trained rows merged into the tied embedding) to output_dir."""
+def plain_model(model, rows):
+    """A plain qwenvl model with the trained rows merged into the tied embedding (float32)."""
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.language_model.embed_tokens.")}
     full = rows.full.detach().clone()
     full[rows.slot >= 0] = rows.rows.detach()[rows.slot[rows.slot >= 0]]
@@ -229,9 +231,16 @@ def export(model, rows, output_dir):
     state["lm_head.weight"] = full
     plain = QwenVLForConditionalGeneration(model.config)
     plain.load_state_dict(state)
-    plain.to(torch.bfloat16)
-    plain.config.auto_map = dict(AUTO_MAP)
-    plain.save_pretrained(output_dir)
+    return plain.eval()
+
+
+def export(plain, output_dir):
+    """Save the model in bfloat16 (a copy: `plain` stays float32)."""
+    copy = QwenVLForConditionalGeneration(plain.config)
+    copy.load_state_dict(plain.state_dict())
+    copy.to(torch.bfloat16)
+    copy.config.auto_map = dict(AUTO_MAP)
+    copy.save_pretrained(output_dir)
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -254,6 +263,16 @@ def generate_answers(model, processor, examples, max_new_tokens=6):
 # --- main -------------------------------------------------------------------------------------
 
 
+def task_weights(text):
+    weights = {}
+    for part in filter(None, text.split(",")):
+        task, _, count = part.partition("=")
+        if task not in tasks.TASKS or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"expected TASK=N with TASK in {tasks.TASKS} and N >= 1, got {part!r}")
+        weights[task] = int(count)
+    return weights
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "tiny"), help="where the trained model goes")
@@ -268,13 +287,19 @@ def main():
     parser.add_argument("--eval-per-task", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--to-root", action="store_true", help="also copy the weights and config.json to the repo root")
+    parser.add_argument("--init-from", metavar="DIR", help="continue from a qwenvl model directory instead of from scratch")
+    parser.add_argument("--task-weights", type=task_weights, default={}, metavar="TASK=N,...",
+                        help="how often each task comes up, e.g. color=2,shape=2 (default: 1 each)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     processor = QwenVLProcessor.from_pretrained(ROOT)
     encoder = Encoder(processor)
-    model = QwenVLForConditionalGeneration(embedded_config())
+    if args.init_from:
+        model = QwenVLForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+    else:
+        model = QwenVLForConditionalGeneration(embedded_config())
     model.config.pad_token_id = processor.tokenizer.pad_token_id
 
     embedding = model.model.language_model.embed_tokens
@@ -298,20 +323,22 @@ def main():
     log_path = os.path.join(args.output_dir, "eval_log.jsonl")
     open(log_path, "w").close()
     encoder.check([tasks.sample(task, random.Random(i)) for i, task in enumerate(tasks.TASKS)])
-    questions = QuestionSet(encoder, args.seed, args.steps * args.batch_size)
+    questions = QuestionSet(encoder, args.seed, args.steps * args.batch_size, args.task_weights)
+    def evaluate(plain):
+        return tasks.evaluate(lambda chunk: generate_answers(plain, processor, chunk), args.eval_per_task,
+                              10_000 + args.seed)
+
     trainer = AnswerVocabularyTrainer(
         model=model, args=training_args, train_dataset=questions, optimizers=(optimizer, None),
         data_collator=lambda batch: collate(batch, processor.tokenizer.pad_token_id),
         answer_ids=answer_ids, negatives=args.negatives,
-        callbacks=[Progress(lambda m: tasks.evaluate(lambda chunk: generate_answers(m, processor, chunk), args.eval_per_task, 10_000 + args.seed),
-                            args.eval_every, log_path, lambda: export(model, rows, args.output_dir))],
+        callbacks=[Progress(lambda: plain_model(model, rows), evaluate, args.eval_every, log_path, args.output_dir)],
     )
     started = time.time()
     trainer.train()
-    model.eval()
-    final = tasks.evaluate(lambda chunk: generate_answers(model, processor, chunk), args.eval_per_task, 10_000 + args.seed)
-    print(json.dumps({"final": final, "minutes": round((time.time() - started) / 60, 1)}), flush=True)
-    export(model, rows, args.output_dir)
+    plain = plain_model(model, rows)
+    print(json.dumps({"final": evaluate(plain), "minutes": round((time.time() - started) / 60, 1)}), flush=True)
+    export(plain, args.output_dir)
     if args.to_root:
         for name in ("model.safetensors", "config.json", "generation_config.json"):
             shutil.copy(os.path.join(args.output_dir, name), os.path.join(ROOT, name))

@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- tests
 failed=()
 for venv in .venv .venv457; do
-    version=$("$venv/bin/python" -c "import transformers; print(transformers.__version__)") || { failed+=("$venv"); continue; }
+    if ! version=$("$venv/bin/python" -c "import transformers; print(transformers.__version__)"); then
+        failed+=("$venv (not installed)")
+        continue
+    fi
     echo "=== $venv: transformers $version"
     "$venv/bin/python" -m pytest -q "$@" || failed+=("$venv (transformers $version)")
 done

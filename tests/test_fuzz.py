@@ -129,7 +129,8 @@ def videos(draw):
     count = draw(st.integers(1, 5))
     seed = draw(st.integers(0, 2**16))
     if draw(st.booleans()):
-        return np.stack([np.asarray(picture("RGB", height, width, seed + i)) for i in range(count)]), (height, width), count
+        frames = np.stack([np.asarray(picture("RGB", height, width, seed + i)) for i in range(count)])
+        return frames, (height, width), count
     mode = draw(st.sampled_from(MODES))
     return [picture(mode, height, width, seed + i) for i in range(count)], (height, width), count
 
@@ -182,7 +183,8 @@ def test_processor_on_random_batches(processor, batch, fps):
     image_tokens, video_tokens = [], []
     if images_in:
         assert_rows_match_grids(out["pixel_values"], out["image_grid_thw"])
-        expected = [expected_grid(size, image_processor.min_pixels, image_processor.max_pixels) for _, size in images_in]
+        bounds = image_processor.min_pixels, image_processor.max_pixels
+        expected = [expected_grid(size, *bounds) for _, size in images_in]
         assert out["image_grid_thw"].tolist() == expected
         image_tokens = [int(grid.prod()) // 4 for grid in out["image_grid_thw"]]
     if videos_in:

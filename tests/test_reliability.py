@@ -95,7 +95,9 @@ def test_left_padded_batch_generates_each_sample_alone(model):
     samples = mixed_samples()
     ids, mask = left_pad([s.ids for s in samples])
     with torch.no_grad():
-        batched = model.generate(input_ids=ids, attention_mask=mask, **vision_inputs(samples), max_new_tokens=12, **GREEDY)
+        batched = model.generate(
+            input_ids=ids, attention_mask=mask, **vision_inputs(samples), max_new_tokens=12, **GREEDY
+        )
         for i, sample in enumerate(samples):
             alone = model.generate(input_ids=torch.tensor([sample.ids]), **sample.vision(), max_new_tokens=12, **GREEDY)
             assert batched[i, ids.shape[1]:].tolist() == alone[0, len(sample.ids):].tolist(), i
@@ -165,7 +167,9 @@ def test_nothing_leaks_from_one_generate_call_into_the_next(model):
 
     def answer(sample, **options):
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([sample.ids]), **sample.vision(), max_new_tokens=8, **GREEDY, **options)
+            out = model.generate(
+                input_ids=torch.tensor([sample.ids]), **sample.vision(), max_new_tokens=8, **GREEDY, **options
+            )
         return out[0, len(sample.ids):].tolist()
 
     first_a, first_b, second_a = answer(a), answer(b), answer(a)
