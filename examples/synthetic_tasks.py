@@ -194,6 +194,10 @@ def evaluate(answer, per_task, seed, batch_size=32):
 
 
 def messages(example, visual):
-    """The chat for one example; `visual` is its rendered image, frames, or a path."""
+    """The chat for one example; `visual` is its rendered image, frames, or a path.
+
+    The pixel bounds keep pictures and frames at the training size: without them, frames would be scaled up to
+    qwen-vl-utils' video minimum (128 * 28 * 28 pixels)."""
     kind = "video" if example.is_video else "image"
-    return [{"role": "user", "content": [{"type": kind, kind: visual}, {"type": "text", "text": example.question}]}]
+    item = {"type": kind, kind: visual, "min_pixels": 28 * 28, "max_pixels": IMAGE_SIZE**2}
+    return [{"role": "user", "content": [item, {"type": "text", "text": example.question}]}]
