@@ -153,7 +153,16 @@ class QwenVLConfig(PretrainedConfig):
             )
 
     def get_text_config(self, *args, **kwargs):
-        return self
+        """The language model's settings: this config itself, seen through a distinct object.
+
+        The text fields live on this config (flat, as in the hub files), so the view shares all its attributes: a
+        change made through either (such as an engine setting `_attn_implementation`) shows in both. It is a
+        distinct object because engines tell a multimodal config from a text-only one by identity: vLLM's
+        Transformers backend serves a model as multimodal only when `config.get_text_config() is not config`.
+        """
+        view = object.__new__(type(self))
+        view.__dict__ = self.__dict__
+        return view
 
 
 # The language model's fields and their defaults (Qwen2.5-VL-7B).

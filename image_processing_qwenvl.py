@@ -758,7 +758,9 @@ class QwenVLImageProcessor(BaseImageProcessor):
     beside a stale size).
     """
 
-    model_input_names = ["pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"]
+    # Image outputs only: the video outputs are named by `QwenVLVideoView` (processing_qwenvl.py), so that an engine
+    # can tell which outputs belong to images and which to videos (as transformers' separate video processors do).
+    model_input_names = ["pixel_values", "image_grid_thw"]
     valid_kwargs = QwenVLImageProcessorKwargs
 
     def __init__(

@@ -23,8 +23,9 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 try:  # optional: varlen kernel for the vision tower on GPUs
     from flash_attn import flash_attn_varlen_func
@@ -50,6 +51,20 @@ HUB_KEY_MAPPING = {
     r"^visual\.": "model.visual.",
     r"^model\.(?!visual\.|language_model\.)": "model.language_model.",
 }
+# vLLM's Transformers backend does not call from_pretrained: it renames checkpoint weights with the conversions 5.x
+# keeps per architecture name. Registering the same renaming under ours lets it serve the hub layout too (and 5.x's
+# from_pretrained then applies it beside key_mapping, which changes nothing: the renaming is idempotent). 4.x has
+# no such registry.
+try:
+    from transformers.conversion_mapping import WeightRenaming, register_checkpoint_conversion_mapping
+except ImportError:
+    register_checkpoint_conversion_mapping = None
+if register_checkpoint_conversion_mapping is not None:
+    register_checkpoint_conversion_mapping(
+        "QwenVLForConditionalGeneration",
+        [WeightRenaming(source, target) for source, target in HUB_KEY_MAPPING.items()],
+        overwrite=True,  # this file may be imported twice: from a checkout and as a model directory's remote code
+    )
 # 5.x saves weights back in the layout they were loaded from unless told otherwise.
 SAVES_ORIGINAL_FORMAT = "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
 # ---------------------------------------------------------------------------------------
@@ -497,7 +512,9 @@ def check_grid_thw(grid_thw, pixel_values, config):
         raise ValueError(f"pixel values must have shape [patches, {row_size}], got {shape}")
     if not pixel_values.is_floating_point():
         raise TypeError(f"pixel values must be floating point, got {pixel_values.dtype}")
-    if not bool(torch.isfinite(pixel_values).all()):  # one NaN would spread through attention to every token
+    # One NaN would spread through attention to every token. The sum is a cheap first test (one pass, no mask); only
+    # when it is not finite (a NaN or inf, or an overflow of huge finite values) does the exact test run.
+    if not bool(pixel_values.sum().isfinite()) and not bool(torch.isfinite(pixel_values).all()):
         raise ValueError("pixel values contain NaN or infinite values; check how the images were preprocessed")
     patches = int(grid_thw.prod(-1).sum())
     if patches != pixel_values.shape[0]:
@@ -682,9 +699,13 @@ def causal_mask(attention_mask, past_length, new_length, implementation):
     """Boolean mask [B, 1, new, past+new] (True = attend), or None where none is needed.
 
     Each query may always see itself, so rows of padding never become all-masked (that
-    gives NaN, which then leaks through zero attention weights)."""
+    gives NaN, which then leaks through zero attention weights). An attention function that
+    transformers has no mask function for (such as vLLM's, which masks by its own sequence
+    metadata) gets none, as in transformers' own models: that spares a [L, L] mask per step."""
     if implementation == "flash_attention_2":
         return attention_mask
+    if implementation not in ALL_MASK_ATTENTION_FUNCTIONS:  # the registry transformers' own masks are built from
+        return None
     all_valid = attention_mask is None or bool(attention_mask.all())
     if all_valid and (new_length == 1 or (past_length == 0 and implementation == "sdpa")):
         return None
@@ -730,15 +751,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, **kwargs):  # x: [B, L, hidden]
         batch, length, _ = x.shape
-        q, k, v = (
-            proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        # Three plain calls on x, and below a plain assignment from ALL_ATTENTION_FUNCTIONS with one call: vLLM's
+        # Transformers backend reads this source for exactly these shapes, to fuse q/k/v into one matmul and to
+        # route attention to its own kernel.
+        heads = (batch, length, -1, self.head_dim)
+        q = self.q_proj(x).view(heads).transpose(1, 2)
+        k = self.k_proj(x).view(heads).transpose(1, 2)
+        v = self.v_proj(x).view(heads).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        # Written as a plain assignment from ALL_ATTENTION_FUNCTIONS and one call: vLLM's Transformers backend
-        # finds the attention call by reading this source for exactly that shape, and routes it to its own kernel.
         attend = eager_attention
         if self.config._attn_implementation != "eager":
             attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
@@ -852,12 +874,15 @@ class QwenVLModel(QwenVLPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.embed_tokens = value
 
-    def get_image_features(self, pixel_values, image_grid_thw):
-        """Merged vision tokens of each image. -> tuple of [tokens_i, hidden]"""
-        return self._vision_features(pixel_values, image_grid_thw)
+    def get_image_features(self, pixel_values, image_grid_thw, return_dict=False, **kwargs):
+        """Merged vision tokens of each image. -> tuple of [tokens_i, hidden]
 
-    def get_video_features(self, pixel_values_videos, video_grid_thw):
-        return self._vision_features(pixel_values_videos, video_grid_thw)
+        With `return_dict=True` (how transformers 5 and vLLM's Transformers backend call it) the tuple comes as the
+        `pooler_output` of a `BaseModelOutputWithPooling`, as the built-in Qwen2.5-VL returns it."""
+        return vision_output(self._vision_features(pixel_values, image_grid_thw), return_dict)
+
+    def get_video_features(self, pixel_values_videos, video_grid_thw, return_dict=False, **kwargs):
+        return vision_output(self._vision_features(pixel_values_videos, video_grid_thw), return_dict)
 
     def _vision_features(self, pixel_values, grid_thw):
         merged = self.visual(pixel_values, grid_thw)
@@ -943,6 +968,11 @@ class QwenVLModel(QwenVLPreTrainedModel):
         return text_positions(attention_mask, past_length, new_length, rope_deltas, inputs_embeds.device), rope_deltas
 
 
+def vision_output(features, return_dict):
+    """Per-item vision tokens as returned by get_image_features / get_video_features."""
+    return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
+
+
 def check_input_ids(input_ids, vocab_size):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [batch, length] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -989,8 +1019,8 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def get_image_features(self, pixel_values, image_grid_thw):
-        return self.model.get_image_features(pixel_values, image_grid_thw)
+    def get_image_features(self, pixel_values, image_grid_thw, return_dict=False, **kwargs):
+        return self.model.get_image_features(pixel_values, image_grid_thw, return_dict, **kwargs)
 
     def forward(
         self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,

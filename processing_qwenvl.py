@@ -109,8 +109,13 @@ class QwenVLProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         names = self.tokenizer.model_input_names + self.image_processor.model_input_names
-        names += ["second_per_grid_ts", "mm_token_type_ids"]
+        names += self.video_processor.model_input_names + ["second_per_grid_ts", "mm_token_type_ids"]
         return list(dict.fromkeys(names))
+
+    @property
+    def video_processor(self) -> "QwenVLVideoView":
+        """The image processor's video side, for engines that look for a video part (see `QwenVLVideoView`)."""
+        return QwenVLVideoView(self.image_processor)
 
     # ---- main entry point ----------------------------------------------------------------------------------
 
@@ -127,13 +132,18 @@ class QwenVLProcessor(ProcessorMixin):
                 multiples of 28).
             **kwargs: `min_pixels`, `max_pixels`, `resized_height`, `resized_width` for the images; `fps` (one
                 number, or one per video; default 2.0) for the videos; `return_tensors`;
-                `return_mm_token_type_ids` (default True); everything else goes to the tokenizer (`padding`,
-                `truncation`, `max_length`, `padding_side`, ...).
+                `return_mm_token_type_ids` (default True); `return_text_replacement_offsets` (default False, see
+                Returns); everything else goes to the tokenizer (`padding`, `truncation`, `max_length`,
+                `padding_side`, ...).
 
         Returns:
             BatchFeature with `input_ids`, `attention_mask`, `mm_token_type_ids` (0 text, 1 image, 2 video) when
             text is given; `pixel_values`, `image_grid_thw` for images; `pixel_values_videos`, `video_grid_thw`,
-            `second_per_grid_ts` (temporal_patch_size / fps, seconds per temporal patch) for videos.
+            `second_per_grid_ts` (temporal_patch_size / fps, seconds per temporal patch) for videos. With
+            `return_text_replacement_offsets=True`, also `text_replacement_offsets`: per sample, one dict per
+            placeholder in order (`type` "image" / "video", `span` in the text given, `new_span` in the widened
+            text, `text` the placeholder, `replacement` what it became), as transformers' processors report them;
+            vLLM's Transformers backend locates each item's tokens with it.
 
         Raises:
             ValueError: the placeholder count differs from the number of images or videos, or truncation
@@ -163,7 +173,14 @@ class QwenVLProcessor(ProcessorMixin):
         return items
 
     def _build(
-        self, text, image_items, video_items, return_tensors=None, return_mm_token_type_ids=True, **tokenizer_kwargs
+        self,
+        text,
+        image_items,
+        video_items,
+        return_tensors=None,
+        return_mm_token_type_ids=True,
+        return_text_replacement_offsets=False,
+        **tokenizer_kwargs,
     ) -> BatchFeature:
         """Encode the media, widen the placeholders and tokenize.
 
@@ -173,10 +190,11 @@ class QwenVLProcessor(ProcessorMixin):
         if unknown:
             raise TypeError(
                 f"QwenVLProcessor got unexpected keyword argument(s) {unknown}; it takes {list(IMAGE_OPTIONS)}, fps, "
-                f"return_tensors, return_mm_token_type_ids and the tokenizer options {list(TOKENIZER_OPTIONS)} "
+                f"return_tensors, return_mm_token_type_ids, return_text_replacement_offsets and the tokenizer options "
+                f"{list(TOKENIZER_OPTIONS)} "
                 "(generation options such as do_sample belong to generate)"
             )
-        data = {}
+        data, offsets = {}, None
         image_counts, video_counts = [], []
         if image_items:
             image_features = _concat([self._encode_image(image, options) for image, options in image_items])
@@ -190,13 +208,16 @@ class QwenVLProcessor(ProcessorMixin):
 
         if text is not None:
             texts = _as_text_list(text)
-            texts = self._expand_placeholders(texts, image_counts, video_counts)
+            texts, offsets = self._expand_placeholders(texts, image_counts, video_counts)
             encoding = self.tokenizer(texts, **tokenizer_kwargs)
             self._check_spans_kept(texts, encoding["input_ids"])
             data.update(encoding)
             if return_mm_token_type_ids:
                 data["mm_token_type_ids"] = self._mm_token_type_ids(encoding["input_ids"])
-        return BatchFeature(data, tensor_type=return_tensors)
+        features = BatchFeature(data, tensor_type=return_tensors)
+        if return_text_replacement_offsets and offsets is not None:
+            features["text_replacement_offsets"] = offsets  # added after the tensor conversion: it stays a list
+        return features
 
     # ---- vision ----------------------------------------------------------------------------------------------
 
@@ -220,8 +241,13 @@ class QwenVLProcessor(ProcessorMixin):
 
     # ---- text ------------------------------------------------------------------------------------------------
 
-    def _expand_placeholders(self, texts: list[str], image_counts: list[int], video_counts: list[int]) -> list[str]:
-        """Repeat each placeholder as many times as its image / video has tokens, in order across the batch."""
+    def _expand_placeholders(
+        self, texts: list[str], image_counts: list[int], video_counts: list[int]
+    ) -> tuple[list[str], list[list[dict]]]:
+        """Repeat each placeholder as many times as its image / video has tokens, in order across the batch.
+
+        Returns the widened texts and, per sample, where each placeholder was and what it became (see `__call__`).
+        """
         expected = ((self.image_token, image_counts, "image"), (self.video_token, video_counts, "video"))
         for token, counts, kind in expected:
             found = sum(sample.count(token) for sample in texts)
@@ -231,8 +257,32 @@ class QwenVLProcessor(ProcessorMixin):
                     f"each {kind} needs exactly one {token} in the text, in the same order"
                 )
         tokens_left = {self.image_token: iter(image_counts), self.video_token: iter(video_counts)}
+        widened = [self._widen_sample(sample, tokens_left) for sample in texts]
+        return [text for text, _ in widened], [offsets for _, offsets in widened]
+
+    def _widen_sample(self, sample: str, tokens_left: dict) -> tuple[str, list[dict]]:
+        """One sample's placeholders widened, taking each item's token count from `tokens_left` in order."""
+        kinds = {self.image_token: "image", self.video_token: "video"}
         pattern = re.compile(f"{re.escape(self.image_token)}|{re.escape(self.video_token)}")
-        return [pattern.sub(lambda m: m.group() * next(tokens_left[m.group()]), sample) for sample in texts]
+        pieces, offsets, end, length = [], [], 0, 0
+        for match in pattern.finditer(sample):
+            replacement = match.group() * next(tokens_left[match.group()])
+            before = sample[end : match.start()]
+            start = length + len(before)
+            pieces += [before, replacement]
+            length = start + len(replacement)
+            offsets.append(
+                {
+                    "type": kinds[match.group()],
+                    "span": match.span(),
+                    "new_span": (start, start + len(replacement)),
+                    "text": match.group(),
+                    "replacement": replacement,
+                }
+            )
+            end = match.end()
+        pieces.append(sample[end:])
+        return "".join(pieces), offsets
 
     def _check_spans_kept(self, texts: list[str], input_ids: list[list[int]]) -> None:
         """Refuse a tokenization that lost part of a vision span, which only truncation can do."""
@@ -362,6 +412,22 @@ class QwenVLProcessor(ProcessorMixin):
 # save_pretrained then copies the code files next to the configs and names the class in `auto_map`, so the saved
 # folder loads anywhere with AutoProcessor.from_pretrained(folder, trust_remote_code=True).
 QwenVLProcessor.register_for_auto_class()
+
+
+class QwenVLVideoView:
+    """What an engine reads from a processor's video part, taken from `QwenVLImageProcessor`, which does videos too.
+
+    vLLM's Transformers backend serves videos only for a processor with a `video_processor`, and reads from it the
+    `temporal_patch_size` (frames per temporal patch), the `size` pixel bounds and the `model_input_names` that tell
+    video outputs from image outputs. `QwenVLProcessor.video_processor` builds this view on each access, so it always
+    shows the current image processor; it is not a part of the processor and is not saved.
+    """
+
+    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+    def __init__(self, image_processor: QwenVLImageProcessor):
+        self.temporal_patch_size = image_processor.temporal_patch_size
+        self.size = image_processor.size
 
 
 # ---- input normalisation ---------------------------------------------------------------------------------------
