@@ -184,14 +184,23 @@ def frame_seqlens(grid_thw):
     return F.pad(per_frame.cumsum(0), (1, 0))
 
 
-def segment_runs(cu_seqlens):
-    """Group consecutive segments of equal length: [(start, count, length)], so that
-    attention runs once per group (as a batch) instead of once per segment."""
+# A vision block works on slices of the tokens whose largest activation ([rows, 3 * hidden] for attention,
+# [rows, intermediate] for the MLP) stays within this many elements: 16 MiB in float32. Larger temporaries are fresh
+# pages from the OS on every call, which the kernel maps and zeroes on first touch; on the CPU that costs about a
+# quarter of a large matmul's time. Small ones are reused. Attention slices hold whole segments (a segment longer
+# than the bound is one slice), so slicing never changes what a token attends to.
+SLICE_ELEMENTS = 1 << 22
+
+
+def segment_runs(cu_seqlens, max_rows):
+    """Group consecutive segments of equal length into runs of at most `max_rows` rows (or one
+    segment): [(start, count, length)]. Attention runs once per run, its segments as a batch."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     runs, start = [], 0
     for length in lengths:
-        if runs and runs[-1][2] == length and runs[-1][0] + runs[-1][1] * length == start:
-            runs[-1][1] += 1
+        last = runs[-1] if runs else None
+        if last and last[2] == length and last[0] + last[1] * length == start and (last[1] + 1) * length <= max_rows:
+            last[1] += 1
         else:
             runs.append([start, 1, length])
         start += length
@@ -202,26 +211,21 @@ def segment_runs(cu_seqlens):
 EAGER_SCORE_BUDGET = 1 << 22  # 16 MiB of float32 scores
 
 
-def packed_attention(q, k, v, runs, implementation, training_dropout=0.0):
-    """Bidirectional attention inside each segment of a packed sequence. q, k, v: [N, H, D].
+def segment_attention(q, k, v, count, length, implementation):
+    """Bidirectional attention within each of `count` consecutive segments of `length` rows. q, k, v: [count*length, H, D].
 
     "flash_attention_2" runs flash-attn's varlen kernel, "eager" the softmax written out; any other name ("sdpa",
     or a backend registered for the decoder, such as vLLM's "vllm", which serves causal attention over its own KV
     cache and not packed segments) runs torch's scaled_dot_product_attention."""
     if implementation == "flash_attention_2":
-        return flash_varlen_attention(q, k, v, runs)
-    out = torch.empty_like(q)
-    scale = q.shape[-1] ** -0.5
-    for start, count, length in runs:
-        end = start + count * length
-        # [count, H, length, D]: each segment of the group is one batch entry
-        qs, ks, vs = (x[start:end].view(count, length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-        if implementation == "eager":
-            o = eager_segment_attention(qs, ks, vs, scale)
-        else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=training_dropout)
-        out[start:end] = o.transpose(1, 2).reshape(end - start, *q.shape[1:])
-    return out
+        return flash_varlen_attention(q, k, v, count, length)
+    # [count, H, length, D]: each segment is one batch entry
+    qs, ks, vs = (x.view(count, length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+    if implementation == "eager":
+        out = eager_segment_attention(qs, ks, vs, q.shape[-1] ** -0.5)
+    else:
+        out = F.scaled_dot_product_attention(qs, ks, vs)
+    return out.transpose(1, 2).reshape(q.shape)
 
 
 def eager_segment_attention(q, k, v, scale):
@@ -236,12 +240,11 @@ def eager_segment_attention(q, k, v, scale):
     return torch.cat(outputs, dim=2)
 
 
-def flash_varlen_attention(q, k, v, runs):
+def flash_varlen_attention(q, k, v, count, length):
     if flash_attn_varlen_func is None:
         raise ImportError('attn_implementation="flash_attention_2" needs the flash-attn package: pip install flash-attn')
-    lengths = [length for _, count, length in runs for _ in range(count)]
-    cu_seqlens = F.pad(torch.tensor(lengths, device=q.device).cumsum(0), (1, 0)).to(torch.int32)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max(lengths), max(lengths))
+    cu_seqlens = torch.arange(0, (count + 1) * length, length, device=q.device, dtype=torch.int32)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, length, length)
 
 
 class VisionAttention(nn.Module):
@@ -253,9 +256,16 @@ class VisionAttention(nn.Module):
         self.config = config
 
     def forward(self, x, runs, cos, sin):  # x: [N, hidden], the residual stream's dtype
+        outputs = []
+        for start, count, length in runs:
+            rows = slice(start, start + count * length)
+            outputs.append(self.attend(x[rows], cos[rows], sin[rows], count, length))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def attend(self, x, cos, sin, count, length):  # one run: `count` segments of `length` rows
         qkv = self.qkv(x.to(self.qkv.weight.dtype)).view(x.shape[0], 3, self.num_heads, -1)
         q, k = apply_vision_rotary(qkv[:, :2], cos, sin).unbind(1)
-        out = packed_attention(q, k, qkv[:, 2], runs, self.config._attn_implementation)
+        out = segment_attention(q, k, qkv[:, 2], count, length, self.config._attn_implementation)
         return project(self.proj, out.flatten(1), x.dtype)
 
 
@@ -286,6 +296,7 @@ class VisionMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.gated = config.gated_mlp
+        self.intermediate_size = config.intermediate_size
         self.act = ACT2FN[config.hidden_act]
         if self.gated:
             self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
@@ -295,7 +306,13 @@ class VisionMLP(nn.Module):
             self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
             self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
 
-    def forward(self, x):  # x: the residual stream's dtype
+    def forward(self, x):  # x: [N, hidden], the residual stream's dtype
+        rows = max(1, SLICE_ELEMENTS // self.intermediate_size)  # see SLICE_ELEMENTS
+        if x.shape[0] <= rows:
+            return self.rows(x)
+        return torch.cat([self.rows(part) for part in x.split(rows)])
+
+    def rows(self, x):
         if self.gated:
             h = x.to(self.gate_proj.weight.dtype)
             return project(self.down_proj, self.act(self.gate_proj(h)) * self.up_proj(h), x.dtype)
@@ -393,7 +410,8 @@ def inverse_permutation(index):
 
 def plan_grids(config, grid_thw, device):
     cos, sin = vision_rotary_tables(config, grid_thw, device)
-    plan = GridPlan(cos, sin, segment_runs(frame_seqlens(grid_thw)))
+    max_rows = SLICE_ELEMENTS // (3 * config.hidden_size)
+    plan = GridPlan(cos, sin, segment_runs(frame_seqlens(grid_thw), max_rows))
     if config.uses_window_attention:
         window_index, cu_window_seqlens = get_window_index(
             grid_thw, config.window_size, config.spatial_merge_size, config.patch_size
@@ -401,7 +419,7 @@ def plan_grids(config, grid_thw, device):
         plan.window_index = window_index.to(device)
         plan.inverse_index = inverse_permutation(plan.window_index)
         plan.cos, plan.sin = to_window_order(cos, plan.window_index), to_window_order(sin, plan.window_index)
-        plan.window_runs = segment_runs(cu_window_seqlens)
+        plan.window_runs = segment_runs(cu_window_seqlens, max_rows)
     return plan
 
 

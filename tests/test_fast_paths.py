@@ -1,12 +1,12 @@
 """The shortcuts that make the model fast give the same results as the plain computation:
-labelled-only logits, chunked vision encoding, the folded patch embedding of still images,
-query-chunked eager attention, and grid plans cached per shape."""
+labelled-only logits, chunked vision encoding, vision blocks in row slices, the folded patch
+embedding of still images, query-chunked eager attention, and grid plans cached per shape."""
 
 import pytest
 import torch
 
 import modeling_qwenvl
-from modeling_qwenvl import QwenVLForConditionalGeneration, chunks_of_frames
+from modeling_qwenvl import QwenVLForConditionalGeneration, chunks_of_frames, segment_runs
 from tiny import PATCH_ROW, pixels, reference_model, sequence
 
 
@@ -85,6 +85,41 @@ def test_chunked_vision_encoding_equals_one_pass(pair):
         finally:
             visual.config.max_patches_per_chunk = 65536
     assert (chunked - whole).abs().max() < 1e-5
+
+
+def test_segment_runs_hold_whole_segments_within_the_row_bound():
+    cu_seqlens = torch.tensor([0, 4, 8, 12, 16, 20, 26, 30, 34])  # 4 x 5 rows, 6, then 4 x 2
+    assert segment_runs(cu_seqlens, max_rows=8) == [(0, 2, 4), (8, 2, 4), (16, 1, 4), (20, 1, 6), (26, 2, 4)]
+    assert segment_runs(cu_seqlens, max_rows=3) == [(0, 1, 4), (4, 1, 4), (8, 1, 4), (12, 1, 4), (16, 1, 4),
+                                                    (20, 1, 6), (26, 1, 4), (30, 1, 4)]  # a long segment stays whole
+    assert segment_runs(cu_seqlens, max_rows=100) == [(0, 5, 4), (20, 1, 6), (26, 2, 4)]
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_vision_blocks_in_row_slices_equal_one_slice(pair, monkeypatch, implementation):
+    """Tiny slices (a few windows per attention call, a few rows per MLP pass) give the same tokens and the same
+    gradients as one slice per block."""
+    _, ours = pair
+    pixel_values, grid = pixels((1, 28, 20), (2, 8, 8))
+    visual = ours.model.visual
+    visual.config._attn_implementation = implementation
+
+    def run():
+        visual._plans.clear()  # plans hold the runs, which depend on the slice size
+        visual.zero_grad(set_to_none=True)
+        out = visual(pixel_values, grid)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), visual.blocks[0].attn.qkv.weight.grad.clone(), visual.blocks[0].mlp.up_proj.weight.grad
+    try:
+        whole = run()
+        monkeypatch.setattr(modeling_qwenvl, "SLICE_ELEMENTS", 50 * 64)  # 50 rows per MLP pass, 1-3 windows per run
+        sliced = run()
+    finally:
+        visual.config._attn_implementation = "sdpa"
+        visual._plans.clear()
+        visual.zero_grad(set_to_none=True)
+    for a, b in zip(whole, sliced):
+        assert (a - b).abs().max() < 1e-5
 
 
 def test_eager_attention_in_query_chunks_equals_sdpa(pair, monkeypatch):
