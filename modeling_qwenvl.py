@@ -919,14 +919,21 @@ class QwenVLModel(QwenVLPreTrainedModel):
     def forward(
         self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
         inputs_embeds=None, use_cache=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None,
-        video_grid_thw=None, second_per_grid_ts=None, mm_token_type_ids=None, rope_deltas=None, **kwargs,
+        video_grid_thw=None, second_per_grid_ts=None, mm_token_type_ids=None, rope_deltas=None,
+        sparse_embedding_grad=False, **kwargs,
     ):
+        """`sparse_embedding_grad=True` gives the embedding table a sparse gradient (only the rows looked up); for
+        the tied head's loss path of QwenVLForConditionalGeneration, which adds it to the head's dense one."""
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            embedding = self.get_input_embeddings()
+            if sparse_embedding_grad and type(embedding) is nn.Embedding:
+                inputs_embeds = F.embedding(input_ids, embedding.weight, embedding.padding_idx, sparse=True)
+            else:
+                inputs_embeds = embedding(input_ids)
         if pixel_values is not None:
             inputs_embeds = self.scatter_vision(input_ids, inputs_embeds, pixel_values, image_grid_thw, "image")
         if pixel_values_videos is not None:
@@ -1049,12 +1056,18 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         """With `labels`, returns the next-token loss. `labelled_logits_only=True` sends only the
         positions that have a label through the vocabulary head (the same loss, much less work
         when few tokens are supervised); the returned logits are then [labelled positions, vocab]."""
+        # A tied head's gradient is a dense [vocab, hidden] table: the lookup's then goes in as the rows it touched
+        # (summed into the head's by autograd) instead of as a second dense table (zeroed, filled, then added).
+        sparse_embedding_grad = (
+            labelled_logits_only and labels is not None and self.lm_head.weight is self.get_input_embeddings().weight
+        )
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
-            mm_token_type_ids=mm_token_type_ids, rope_deltas=rope_deltas, **kwargs,
+            mm_token_type_ids=mm_token_type_ids, rope_deltas=rope_deltas, sparse_embedding_grad=sparse_embedding_grad,
+            **kwargs,
         )
         hidden, loss = outputs.last_hidden_state, None
         if labels is not None:

@@ -25,8 +25,11 @@ def still_pixels(*grids, seed=0):
     return frames[:, :, :1].expand_as(frames).reshape(-1, PATCH_ROW).contiguous(), grid
 
 
-def test_labelled_logits_only_gives_the_same_loss_and_gradients(pair):
-    _, ours = pair
+@pytest.mark.parametrize("tie", [False, True])
+def test_labelled_logits_only_gives_the_same_loss_and_gradients(tmp_path, tie):
+    reference_model("2.5", tie=tie).save_pretrained(tmp_path)
+    ours = QwenVLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert (ours.lm_head.weight is ours.get_input_embeddings().weight) == tie
     image, grid = still_pixels((1, 8, 8))
     ids = torch.tensor([sequence([5, 6], ("image", (1, 8, 8)), [7, 8, 9, 10])] * 2)
     labels = torch.full_like(ids, -100)
@@ -45,6 +48,8 @@ def test_labelled_logits_only_gives_the_same_loss_and_gradients(pair):
     ours.zero_grad()
     assert torch.allclose(loss, full_loss, atol=1e-6)
     for name, grad in full_grads.items():
+        # tied, the lookup's gradient went in sparse; its sum with the head's is dense, as optimizers need
+        assert grads[name].layout == torch.strided, name
         assert torch.allclose(grads[name], grad, atol=1e-6), name
     with torch.no_grad():
         logits = ours(**batch, labelled_logits_only=True).logits
