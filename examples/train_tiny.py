@@ -40,11 +40,19 @@ AUTO_MAP = {
 }
 
 
-def embedded_config():
+# M-RoPE gives the width axis the head's lowest frequencies. With the official rope_theta (1e6) and this model's
+# 16 frequency pairs, moving one token across the picture turns the width pairs by at most 2e-4 radians: the
+# language model cannot tell left from right (position questions stayed at chance). A small theta gives every axis
+# usable frequencies: with 20, width turns 0.06-0.15 rad per token, height 0.19-0.47, time 0.32-1.
+ROPE_THETA = 20.0
+
+
+def embedded_config(rope_theta=ROPE_THETA):
     """Qwen2.5-VL family with the real vocabulary; small enough to train on 2 CPU cores."""
     config = QwenVLConfig(
         vocab_size=151936, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, mrope_section=[4, 6, 6], tie_word_embeddings=True, max_position_embeddings=32768,
+        rope_theta=rope_theta,
         vision_config=dict(
             depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=128,
             fullatt_block_indexes=[1, 3], window_size=112, tokens_per_second=2,
@@ -288,6 +296,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--to-root", action="store_true", help="also copy the weights and config.json to the repo root")
     parser.add_argument("--init-from", metavar="DIR", help="continue from a qwenvl model directory instead of from scratch")
+    parser.add_argument("--rope-theta", type=float, default=ROPE_THETA,
+                        help="the language model's rotary base (also applied to an --init-from model)")
     parser.add_argument("--task-weights", type=task_weights, default={}, metavar="TASK=N,...",
                         help="how often each task comes up, e.g. color=2,shape=2 (default: 1 each)")
     args = parser.parse_args()
@@ -297,9 +307,11 @@ def main():
     processor = QwenVLProcessor.from_pretrained(ROOT)
     encoder = Encoder(processor)
     if args.init_from:
-        model = QwenVLForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+        config = QwenVLConfig.from_pretrained(args.init_from)
+        config.rope_theta = args.rope_theta
+        model = QwenVLForConditionalGeneration.from_pretrained(args.init_from, config=config, dtype=torch.float32)
     else:
-        model = QwenVLForConditionalGeneration(embedded_config())
+        model = QwenVLForConditionalGeneration(embedded_config(args.rope_theta))
     model.config.pad_token_id = processor.tokenizer.pad_token_id
 
     embedding = model.model.language_model.embed_tokens
