@@ -15,6 +15,7 @@ L = sequence length, H = heads, D = head size.
 import inspect
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -184,12 +185,18 @@ def frame_seqlens(grid_thw):
     return F.pad(per_frame.cumsum(0), (1, 0))
 
 
-# A vision block works on slices of the tokens whose largest activation ([rows, 3 * hidden] for attention,
-# [rows, intermediate] for the MLP) stays within this many elements: 16 MiB in float32. Larger temporaries are fresh
-# pages from the OS on every call, which the kernel maps and zeroes on first touch; on the CPU that costs about a
-# quarter of a large matmul's time. Small ones are reused. Attention slices hold whole segments (a segment longer
-# than the bound is one slice), so slicing never changes what a token attends to.
+# On the CPU a vision block works on slices of the tokens whose largest activation ([rows, 3 * hidden] for
+# attention, [rows, intermediate] for the MLP) stays within this many elements: 16 MiB in float32. Larger
+# temporaries are fresh pages from the OS on every call, which the kernel maps and zeroes on first touch: that costs
+# about a quarter of a large matmul's time. Small ones are reused. Attention slices hold whole segments (a segment
+# longer than the bound is one slice), so slicing never changes what a token attends to. GPU allocators keep freed
+# memory, so there a block works on all rows at once.
 SLICE_ELEMENTS = 1 << 22
+
+
+def rows_per_slice(width, device):
+    """How many rows of a [rows, width] activation one slice holds (see SLICE_ELEMENTS)."""
+    return max(1, SLICE_ELEMENTS // width) if device.type == "cpu" else sys.maxsize
 
 
 def segment_runs(cu_seqlens, max_rows):
@@ -307,7 +314,7 @@ class VisionMLP(nn.Module):
             self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
 
     def forward(self, x):  # x: [N, hidden], the residual stream's dtype
-        rows = max(1, SLICE_ELEMENTS // self.intermediate_size)  # see SLICE_ELEMENTS
+        rows = rows_per_slice(self.intermediate_size, x.device)
         if x.shape[0] <= rows:
             return self.rows(x)
         return torch.cat([self.rows(part) for part in x.split(rows)])
@@ -410,7 +417,7 @@ def inverse_permutation(index):
 
 def plan_grids(config, grid_thw, device):
     cos, sin = vision_rotary_tables(config, grid_thw, device)
-    max_rows = SLICE_ELEMENTS // (3 * config.hidden_size)
+    max_rows = rows_per_slice(3 * config.hidden_size, torch.device(device))
     plan = GridPlan(cos, sin, segment_runs(frame_seqlens(grid_thw), max_rows))
     if config.uses_window_attention:
         window_index, cu_window_seqlens = get_window_index(
