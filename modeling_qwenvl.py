@@ -240,11 +240,13 @@ def eager_segment_attention(q, k, v, scale):
     EAGER_SCORE_BUDGET scores exist at once. q, k, v: [n, H, L, D]."""
     n, heads, length, _ = q.shape
     chunk = max(1, EAGER_SCORE_BUDGET // (n * heads * length))
-    outputs = []
-    for q_chunk in (q * scale).split(chunk, dim=2):
-        scores = q_chunk @ k.transpose(-1, -2)
-        outputs.append(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v)
-    return torch.cat(outputs, dim=2)
+    # Written into one output: small per-chunk results kept alive between the large score buffers would fragment
+    # the heap, so that freed score buffers could not be reused (the peak then grew by up to 10x, at random).
+    out = torch.empty(n, heads, length, v.shape[-1], dtype=v.dtype, device=v.device)
+    for start in range(0, length, chunk):
+        scores = (q[:, :, start : start + chunk] * scale) @ k.transpose(-1, -2)
+        out[:, :, start : start + chunk] = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v
+    return out
 
 
 def flash_varlen_attention(q, k, v, count, length):
