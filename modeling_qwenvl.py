@@ -601,6 +601,15 @@ def check_attention_mask(attention_mask, shape):
         )
 
 
+def check_position_ids(position_ids, shape):
+    """Given position ids: [3, B, L] (time, height, width) or [B, L] (text only: the same on all three axes)."""
+    batch, length = shape
+    if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) not in ((3, batch, length), (batch, length)):
+        got = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(f"position_ids must have shape [3, {batch}, {length}] or [{batch}, {length}], got {got}")
+    return position_ids if position_ids.dim() == 3 else position_ids.unsqueeze(0).expand(3, -1, -1)
+
+
 def token_types_of(config, input_ids):
     """0 for text, 1 for image placeholders, 2 for video placeholders."""
     if input_ids is None:
@@ -957,8 +966,8 @@ class QwenVLModel(QwenVLPreTrainedModel):
                 input_ids, inputs_embeds, attention_mask, past_length, image_grid_thw, video_grid_thw,
                 second_per_grid_ts, mm_token_type_ids, rope_deltas,
             )
-        elif position_ids.dim() == 2:
-            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        else:
+            position_ids = check_position_ids(position_ids, inputs_embeds.shape[:2])
         hidden = self.language_model(inputs_embeds, position_ids, attention_mask, cache, **kwargs)
         return QwenVLModelOutput(last_hidden_state=hidden, rope_deltas=rope_deltas, **{CACHE_NAME: cache})
 

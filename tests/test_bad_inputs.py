@@ -37,6 +37,7 @@ its parametrized tests); other rows name the test that covers them elsewhere.
 | 28 | both or neither of input_ids and inputs_embeds | ValueError | here: model[ids-and-embeds] |
 | 29 | pixel values with inputs_embeds only | ValueError | here: model[embeds-with-pixels] |
 | 30 | continuing a cache without rope_deltas | ValueError | test_model::test_continuing_a_cache_without_rope_deltas_is_refused |
+| 30b | position_ids neither [3, B, L] nor [B, L] of the input's size | ValueError | here: model[position-ids-wrong-length], model[position-ids-1d] |
 | 31 | safetensors missing, only a pickle checkpoint | OSError | test_safety::test_pickle_weights_are_refused_by_default |
 | **config** | | | |
 | 32 | mrope_section not summing to half the head size / not 3 parts | ValueError | here: config[mrope-vs-head-size], test_model::test_bad_configs_are_refused_with_a_clear_message |
@@ -163,6 +164,11 @@ MODEL_CASES = [
     ("ids-1d", lambda i: dict(i, input_ids=i["input_ids"][0]), ValueError, r"\[batch, length\]"),
     ("ids-and-embeds", lambda i: dict(i, inputs_embeds=torch.zeros(1, i["input_ids"].shape[1], 64)), ValueError,
      "exactly one of input_ids or inputs_embeds"),
+    ("position-ids-wrong-length",
+     lambda i: dict(i, position_ids=torch.arange(i["input_ids"].shape[1] - 1)[None].expand(3, 1, -1)), ValueError,
+     r"position_ids must have shape \[3, 1, \d+\] or \[1, \d+\], got \(3, 1, \d+\)"),
+    ("position-ids-1d", lambda i: dict(i, position_ids=torch.arange(i["input_ids"].shape[1])), ValueError,
+     "position_ids must have shape"),
     ("embeds-with-pixels",
      lambda i: dict(without("input_ids")(i), inputs_embeds=torch.zeros(1, i["input_ids"].shape[1], 64)),
      ValueError, "need input_ids to find"),
