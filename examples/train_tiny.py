@@ -40,11 +40,13 @@ AUTO_MAP = {
 }
 
 
-# M-RoPE gives the width axis the head's lowest frequencies. With the official rope_theta (1e6) and this model's
-# 16 frequency pairs, moving one token across the picture turns the width pairs by at most 2e-4 radians: the
-# language model cannot tell left from right (position questions stayed at chance). A small theta gives every axis
-# usable frequencies: with 20, width turns 0.06-0.15 rad per token, height 0.19-0.47, time 0.32-1.
-ROPE_THETA = 20.0
+# The official rope_theta (1e6), which the shipped model uses. M-RoPE gives the width axis the head's lowest
+# frequencies: with 1e6 and this model's 16 frequency pairs, moving one token across the picture turns the width
+# pairs by at most 2e-4 radians, so the language model hardly sees where a token is. `--rope-theta 20` gives every
+# axis usable frequencies (width 0.06-0.15 rad per token, height 0.19-0.47, time 0.32-1): in a trial (README, "The
+# embedded model") it answered "which corner" perfectly, but learned shapes more slowly and did no better at
+# left/right between two shapes, which needs both shapes found by name first.
+ROPE_THETA = 1e6
 
 
 def embedded_config(rope_theta=ROPE_THETA):
@@ -296,8 +298,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--to-root", action="store_true", help="also copy the weights and config.json to the repo root")
     parser.add_argument("--init-from", metavar="DIR", help="continue from a qwenvl model directory instead of from scratch")
-    parser.add_argument("--rope-theta", type=float, default=ROPE_THETA,
-                        help="the language model's rotary base (also applied to an --init-from model)")
+    parser.add_argument("--rope-theta", type=float, default=None,
+                        help=f"the language model's rotary base (default: {ROPE_THETA:g} from scratch, the model's own "
+                             "with --init-from)")
     parser.add_argument("--task-weights", type=task_weights, default={}, metavar="TASK=N,...",
                         help="how often each task comes up, e.g. color=2,shape=2 (default: 1 each)")
     args = parser.parse_args()
@@ -308,10 +311,10 @@ def main():
     encoder = Encoder(processor)
     if args.init_from:
         config = QwenVLConfig.from_pretrained(args.init_from)
-        config.rope_theta = args.rope_theta
+        config.rope_theta = args.rope_theta or config.rope_theta
         model = QwenVLForConditionalGeneration.from_pretrained(args.init_from, config=config, dtype=torch.float32)
     else:
-        model = QwenVLForConditionalGeneration(embedded_config(args.rope_theta))
+        model = QwenVLForConditionalGeneration(embedded_config(args.rope_theta or ROPE_THETA))
     model.config.pad_token_id = processor.tokenizer.pad_token_id
 
     embedding = model.model.language_model.embed_tokens
