@@ -33,6 +33,11 @@ try:  # optional: varlen kernel for the vision tower on GPUs
 except ImportError:
     flash_attn_varlen_func = None
 
+try:  # torch's own varlen kernel (FlashAttention-2 inside; CUDA, torch >= 2.9)
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except ImportError:
+    torch_varlen_attn = None
+
 try:  # as remote code, the files form a package; from a checkout, they are plain modules
     from .configuration_qwenvl import QwenVLConfig, QwenVLVisionConfig
 except ImportError:
@@ -221,11 +226,9 @@ EAGER_SCORE_BUDGET = 1 << 22  # 16 MiB of float32 scores
 def segment_attention(q, k, v, count, length, implementation):
     """Bidirectional attention within each of `count` consecutive segments of `length` rows. q, k, v: [count*length, H, D].
 
-    "flash_attention_2" runs flash-attn's varlen kernel, "eager" the softmax written out; any other name ("sdpa",
-    or a backend registered for the decoder, such as vLLM's "vllm", which serves causal attention over its own KV
-    cache and not packed segments) runs torch's scaled_dot_product_attention."""
-    if implementation == "flash_attention_2":
-        return flash_varlen_attention(q, k, v, count, length)
+    "eager" runs the softmax written out; any other name ("sdpa", or a backend registered for the decoder, such as
+    vLLM's "vllm", which serves causal attention over its own KV cache and not packed segments) runs torch's
+    scaled_dot_product_attention, each segment as one batch entry."""
     # [count, H, length, D]: each segment is one batch entry
     qs, ks, vs = (x.view(count, length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
     if implementation == "eager":
@@ -249,11 +252,19 @@ def eager_segment_attention(q, k, v, scale):
     return out
 
 
-def flash_varlen_attention(q, k, v, count, length):
-    if flash_attn_varlen_func is None:
-        raise ImportError('attn_implementation="flash_attention_2" needs the flash-attn package: pip install flash-attn')
-    cu_seqlens = torch.arange(0, (count + 1) * length, length, device=q.device, dtype=torch.int32)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, length, length)
+def varlen_kernel(implementation, weight):
+    """The packed variable-length attention kernel for a layer whose q, k, v come from `weight`, or None (then
+    attention runs once per run of equal segments). "flash_attention_2" takes flash-attn's. "sdpa" takes torch's own
+    on CUDA in float16/bfloat16, the inputs for which SDPA would pick the same FlashAttention-2 code: one call per
+    layer covers every window of every image, whatever their lengths."""
+    if implementation == "flash_attention_2":
+        if flash_attn_varlen_func is None:
+            raise ImportError('attn_implementation="flash_attention_2" needs the flash-attn package: pip install flash-attn')
+        return flash_attn_varlen_func
+    half = weight.dtype in (torch.float16, torch.bfloat16)
+    if implementation == "sdpa" and torch_varlen_attn is not None and weight.is_cuda and half:
+        return torch_varlen_attn
+    return None
 
 
 class VisionAttention(nn.Module):
@@ -264,18 +275,27 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
         self.config = config
 
-    def forward(self, x, runs, cos, sin):  # x: [N, hidden], the residual stream's dtype
+    def forward(self, x, segments, cos, sin):  # x: [N, hidden], the residual stream's dtype
+        kernel = varlen_kernel(self.config._attn_implementation, self.qkv.weight)
+        if kernel is not None:
+            q, k, v = self.rotated_qkv(x, cos, sin)
+            cu, longest = segments.cu_seqlens, segments.max_length
+            return project(self.proj, kernel(q, k, v, cu, cu, longest, longest).flatten(1), x.dtype)
         outputs = []
-        for start, count, length in runs:
+        for start, count, length in segments.runs:
             rows = slice(start, start + count * length)
             outputs.append(self.attend(x[rows], cos[rows], sin[rows], count, length))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def attend(self, x, cos, sin, count, length):  # one run: `count` segments of `length` rows
+        q, k, v = self.rotated_qkv(x, cos, sin)
+        out = segment_attention(q, k, v, count, length, self.config._attn_implementation)
+        return project(self.proj, out.flatten(1), x.dtype)
+
+    def rotated_qkv(self, x, cos, sin):  # -> q, k, v: [N, H, D]
         qkv = self.qkv(x.to(self.qkv.weight.dtype)).view(x.shape[0], 3, self.num_heads, -1)
         q, k = apply_vision_rotary(qkv[:, :2], cos, sin).unbind(1)
-        out = segment_attention(q, k, qkv[:, 2], count, length, self.config._attn_implementation)
-        return project(self.proj, out.flatten(1), x.dtype)
+        return q, k, qkv[:, 2]
 
 
 def project(layer, x, dtype):
@@ -336,8 +356,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x, runs, cos, sin):
-        x = x + self.attn(self.norm1(x), runs, cos, sin)
+    def forward(self, x, segments, cos, sin):
+        x = x + self.attn(self.norm1(x), segments, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
@@ -399,10 +419,24 @@ class GridPlan:
 
     cos: torch.Tensor  # [N, D/2] float32, rows in the order the blocks see the patches
     sin: torch.Tensor
-    full_runs: list  # segment_runs of whole frames
-    window_runs: list | None = None  # segment_runs of windows (Qwen2.5-VL)
+    frames: "Segments"  # full attention: every frame of every image
+    windows: "Segments | None" = None  # window attention (Qwen2.5-VL)
     window_index: torch.Tensor | None = None  # [M] merged-token order of the blocks
     inverse_index: torch.Tensor | None = None  # [M] back to raster order
+
+
+@dataclass
+class Segments:
+    """The attention segments of one kind of layer, in the two forms the kernels take."""
+
+    runs: list  # segment_runs: for attention once per run of equal segments
+    cu_seqlens: torch.Tensor  # [segments + 1] int32 boundaries on the device: for a varlen kernel
+    max_length: int
+
+    @classmethod
+    def from_boundaries(cls, cu_seqlens, max_rows, device):
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return cls(segment_runs(cu_seqlens, max_rows), cu_seqlens.to(device, torch.int32), longest)
 
 
 def to_window_order(x, window_index):
@@ -420,7 +454,7 @@ def inverse_permutation(index):
 def plan_grids(config, grid_thw, device):
     cos, sin = vision_rotary_tables(config, grid_thw, device)
     max_rows = rows_per_slice(3 * config.hidden_size, torch.device(device))
-    plan = GridPlan(cos, sin, segment_runs(frame_seqlens(grid_thw), max_rows))
+    plan = GridPlan(cos, sin, Segments.from_boundaries(frame_seqlens(grid_thw), max_rows, device))
     if config.uses_window_attention:
         window_index, cu_window_seqlens = get_window_index(
             grid_thw, config.window_size, config.spatial_merge_size, config.patch_size
@@ -428,7 +462,7 @@ def plan_grids(config, grid_thw, device):
         plan.window_index = window_index.to(device)
         plan.inverse_index = inverse_permutation(plan.window_index)
         plan.cos, plan.sin = to_window_order(cos, plan.window_index), to_window_order(sin, plan.window_index)
-        plan.window_runs = segment_runs(cu_window_seqlens, max_rows)
+        plan.windows = Segments.from_boundaries(cu_window_seqlens, max_rows, device)
     return plan
 
 
@@ -499,12 +533,12 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
         if plan.window_index is not None:
             x = to_window_order(x, plan.window_index)
         for i, block in enumerate(self.blocks):
-            full = plan.window_runs is None or i in self.config.fullatt_block_indexes
-            runs = plan.full_runs if full else plan.window_runs
+            full = plan.windows is None or i in self.config.fullatt_block_indexes
+            segments = plan.frames if full else plan.windows
             if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(block.__call__, x, runs, plan.cos, plan.sin)
+                x = self._gradient_checkpointing_func(block.__call__, x, segments, plan.cos, plan.sin)
             else:
-                x = block(x, runs, plan.cos, plan.sin)
+                x = block(x, segments, plan.cos, plan.sin)
         merged = self.merger(x)
         return merged[plan.inverse_index] if plan.inverse_index is not None else merged
 

@@ -155,3 +155,49 @@ def test_grid_plans_are_computed_once_per_shape(pair, monkeypatch):
             visual(pixel_values, grid)
         visual(*pixels((1, 8, 12)))
     assert len(calls) == 2
+
+
+def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k):
+    """What flash-attn's (and torch's) varlen kernel computes, one segment at a time: a stand-in on the CPU."""
+    assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k) and max_q == max_k
+    bounds = cu_seqlens_q.tolist()
+    assert max_q == max(b - a for a, b in zip(bounds, bounds[1:]))
+    out = [torch.nn.functional.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v)))
+           for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(out, dim=1).transpose(0, 1)
+
+
+def test_a_varlen_kernel_runs_once_per_layer_over_segments_of_any_length(pair, monkeypatch):
+    """With flash_attention_2 the tower calls the varlen kernel once per block, with every window (windows of
+    several lengths here) or every frame in one packed call, and gets what sdpa gets run by run."""
+    _, ours = pair
+    pixel_values, grid = pixels((1, 28, 20), (2, 8, 8))
+    visual = ours.model.visual
+    calls = []
+    monkeypatch.setattr(modeling_qwenvl, "flash_attn_varlen_func",
+                        lambda *args: calls.append(args[3].tolist()) or reference_varlen(*args))
+    with torch.no_grad():
+        sdpa = visual(pixel_values, grid)
+        visual.config._attn_implementation = "flash_attention_2"
+        try:
+            varlen = visual(pixel_values, grid)
+        finally:
+            visual.config._attn_implementation = "sdpa"
+    assert len(calls) == visual.config.depth
+    plan = visual.grid_plan(grid, "cpu")
+    assert len(plan.windows.runs) > 1  # windows of unequal length: sdpa needs several calls per layer
+    assert calls[0] == plan.windows.cu_seqlens.tolist()
+    assert calls[visual.config.fullatt_block_indexes[0]] == [0, 28 * 20, 28 * 20 + 64, 28 * 20 + 128]
+    assert (varlen - sdpa).abs().max() < 1e-5
+
+
+def test_flash_attention_2_without_flash_attn_names_the_missing_package(pair, monkeypatch):
+    _, ours = pair
+    visual = ours.model.visual
+    monkeypatch.setattr(modeling_qwenvl, "flash_attn_varlen_func", None)
+    visual.config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ImportError, match="flash-attn"):
+            visual(*pixels((1, 8, 8)))
+    finally:
+        visual.config._attn_implementation = "sdpa"
