@@ -219,6 +219,21 @@ def segment_runs(cu_seqlens, max_rows):
     return [tuple(run) for run in runs]
 
 
+def slices_of_runs(runs, max_rows):
+    """Group consecutive runs into slices of at most `max_rows` rows (or one run): [(start, end, runs)], each
+    slice's runs counted from its start. A block computes q, k, v and the output projection once per slice, and
+    attention once per run inside it: many short runs (images of many sizes) then cost one matmul, not many."""
+    slices = []
+    for start, count, length in runs:
+        end = start + count * length
+        if slices and end - slices[-1][0] <= max_rows:
+            first = slices[-1][0]
+            slices[-1] = (first, end, slices[-1][2] + [(start - first, count, length)])
+        else:
+            slices.append((start, end, [(0, count, length)]))
+    return slices
+
+
 # Eager attention materialises scores; this bounds them (elements) per call.
 EAGER_SCORE_BUDGET = 1 << 22  # 16 MiB of float32 scores
 
@@ -252,17 +267,21 @@ def eager_segment_attention(q, k, v, scale):
     return out
 
 
-def varlen_kernel(implementation, weight):
+def varlen_kernel(implementation, weight, segments):
     """The packed variable-length attention kernel for a layer whose q, k, v come from `weight`, or None (then
-    attention runs once per run of equal segments). "flash_attention_2" takes flash-attn's. "sdpa" takes torch's own
-    on CUDA in float16/bfloat16, the inputs for which SDPA would pick the same FlashAttention-2 code: one call per
-    layer covers every window of every image, whatever their lengths."""
+    attention runs once per run of equal segments).
+
+    "flash_attention_2" takes flash-attn's: one call per layer covers every window of every image, whatever their
+    lengths. "sdpa" takes torch's own (the same FlashAttention-2 code) on CUDA in float16/bfloat16 where the
+    segments fall into several runs: with sixteen images of different sizes it was 1.9x faster than SDPA run by run
+    on an H200, where for one run of equal segments batched SDPA was as fast or up to 7% faster (benchmarks/README.md)."""
     if implementation == "flash_attention_2":
         if flash_attn_varlen_func is None:
             raise ImportError('attn_implementation="flash_attention_2" needs the flash-attn package: pip install flash-attn')
         return flash_attn_varlen_func
     half = weight.dtype in (torch.float16, torch.bfloat16)
-    if implementation == "sdpa" and torch_varlen_attn is not None and weight.is_cuda and half:
+    fragmented = len(segments.runs) > 1
+    if implementation == "sdpa" and torch_varlen_attn is not None and weight.is_cuda and half and fragmented:
         return torch_varlen_attn
     return None
 
@@ -276,20 +295,26 @@ class VisionAttention(nn.Module):
         self.config = config
 
     def forward(self, x, segments, cos, sin):  # x: [N, hidden], the residual stream's dtype
-        kernel = varlen_kernel(self.config._attn_implementation, self.qkv.weight)
+        kernel = varlen_kernel(self.config._attn_implementation, self.qkv.weight, segments)
         if kernel is not None:
             q, k, v = self.rotated_qkv(x, cos, sin)
             cu, longest = segments.cu_seqlens, segments.max_length
             return project(self.proj, kernel(q, k, v, cu, cu, longest, longest).flatten(1), x.dtype)
-        outputs = []
-        for start, count, length in segments.runs:
-            rows = slice(start, start + count * length)
-            outputs.append(self.attend(x[rows], cos[rows], sin[rows], count, length))
+        outputs = [
+            self.attend(x[start:end], cos[start:end], sin[start:end], runs) for start, end, runs in segments.slices
+        ]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def attend(self, x, cos, sin, count, length):  # one run: `count` segments of `length` rows
+    def attend(self, x, cos, sin, runs):  # one slice: runs of `count` segments of `length` rows
         q, k, v = self.rotated_qkv(x, cos, sin)
-        out = segment_attention(q, k, v, count, length, self.config._attn_implementation)
+        implementation = self.config._attn_implementation
+        if len(runs) == 1:
+            out = segment_attention(q, k, v, runs[0][1], runs[0][2], implementation)
+        else:
+            out = torch.empty_like(q)
+            for start, count, length in runs:
+                rows = slice(start, start + count * length)
+                out[rows] = segment_attention(q[rows], k[rows], v[rows], count, length, implementation)
         return project(self.proj, out.flatten(1), x.dtype)
 
     def rotated_qkv(self, x, cos, sin):  # -> q, k, v: [N, H, D]
@@ -430,13 +455,15 @@ class Segments:
     """The attention segments of one kind of layer, in the two forms the kernels take."""
 
     runs: list  # segment_runs: for attention once per run of equal segments
+    slices: list  # slices_of_runs: for q, k, v and the projection once per slice
     cu_seqlens: torch.Tensor  # [segments + 1] int32 boundaries on the device: for a varlen kernel
     max_length: int
 
     @classmethod
     def from_boundaries(cls, cu_seqlens, max_rows, device):
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        return cls(segment_runs(cu_seqlens, max_rows), cu_seqlens.to(device, torch.int32), longest)
+        runs = segment_runs(cu_seqlens, max_rows)
+        return cls(runs, slices_of_runs(runs, max_rows), cu_seqlens.to(device, torch.int32), longest)
 
 
 def to_window_order(x, window_index):

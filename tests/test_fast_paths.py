@@ -201,3 +201,28 @@ def test_flash_attention_2_without_flash_attn_names_the_missing_package(pair, mo
             visual(*pixels((1, 8, 8)))
     finally:
         visual.config._attn_implementation = "sdpa"
+
+
+def test_slices_group_whole_runs_within_the_row_bound():
+    from modeling_qwenvl import slices_of_runs
+
+    runs = [(0, 2, 4), (8, 2, 4), (16, 1, 4), (20, 1, 6), (26, 2, 4)]
+    assert slices_of_runs(runs, max_rows=100) == [(0, 34, [(0, 2, 4), (8, 2, 4), (16, 1, 4), (20, 1, 6), (26, 2, 4)])]
+    assert slices_of_runs(runs, max_rows=16) == [(0, 16, [(0, 2, 4), (8, 2, 4)]), (16, 26, [(0, 1, 4), (4, 1, 6)]),
+                                                 (26, 34, [(0, 2, 4)])]
+    assert slices_of_runs([(0, 1, 40), (40, 1, 4)], max_rows=16) == [(0, 40, [(0, 1, 40)]), (40, 44, [(0, 1, 4)])]
+
+
+def test_sdpa_takes_torch_varlen_kernel_only_on_cuda_half_precision_and_fragmented_segments(pair):
+    from types import SimpleNamespace
+
+    from modeling_qwenvl import Segments, varlen_kernel
+
+    fragmented = Segments.from_boundaries(torch.tensor([0, 4, 8, 14]), 100, "cpu")
+    uniform = Segments.from_boundaries(torch.tensor([0, 4, 8, 12]), 100, "cpu")
+    cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    assert varlen_kernel("sdpa", cuda_bf16, fragmented) is modeling_qwenvl.torch_varlen_attn
+    assert varlen_kernel("sdpa", cuda_bf16, uniform) is None  # one batched SDPA call does as well
+    assert varlen_kernel("sdpa", SimpleNamespace(is_cuda=True, dtype=torch.float32), fragmented) is None
+    assert varlen_kernel("sdpa", SimpleNamespace(is_cuda=False, dtype=torch.bfloat16), fragmented) is None
+    assert varlen_kernel("eager", cuda_bf16, fragmented) is None
