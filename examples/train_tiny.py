@@ -120,20 +120,43 @@ class Encoder:
                     assert torch.equal(torch.as_tensor(ours[name]), torch.as_tensor(reference[name])), name
 
 
+def side_question(rng):
+    """A training-only step towards "is A left or right of B?": "What color is the shape on the left?" (or which
+    shape, or top/bottom) about two shapes apart along that axis. Answering it needs each shape's tokens to say which
+    side of the other it is on, which the comparison between two named shapes then reads."""
+    horizontal = rng.random() < 0.5
+    axis = 1 if horizontal else 0
+    while True:
+        a, b = tasks._items(rng, 2)
+        if a.cell[axis] != b.cell[axis]:
+            break
+    first, last = sorted((a, b), key=lambda item: item.cell[axis])
+    side = rng.choice(("on the left", "on the right") if horizontal else ("at the top", "at the bottom"))
+    target = first if side in ("on the left", "at the top") else last
+    if rng.random() < 0.5:
+        return tasks.Example("position", f"What color is the shape {side}?", target.color, [a, b])
+    return tasks.Example("position", f"Which shape is {side}?", target.shape, [a, b])
+
+
+CURRICULUM = {"side": side_question}  # training-only question kinds: off unless given a weight
+
+
 class QuestionSet(torch.utils.data.Dataset):
     """Question i is drawn from its own seeded generator: any order of indices gives the same data.
     Tasks come in a fixed rotation in which each task appears `weights[task]` times."""
 
     def __init__(self, encoder, seed, size, weights):
         self.encoder, self.seed, self.size = encoder, seed, size
-        self.rotation = [task for task in tasks.TASKS for _ in range(weights.get(task, 1))]
+        kinds = [(task, weights.get(task, 1)) for task in tasks.TASKS] + [(k, weights.get(k, 0)) for k in CURRICULUM]
+        self.rotation = [task for task, weight in kinds for _ in range(weight)]
 
     def __len__(self):
         return self.size
 
     def __getitem__(self, index):
         rng = random.Random(self.seed * 1_000_003 + index)
-        return self.encoder(tasks.sample(self.rotation[index % len(self.rotation)], rng))
+        task = self.rotation[index % len(self.rotation)]
+        return self.encoder(CURRICULUM[task](rng) if task in CURRICULUM else tasks.sample(task, rng))
 
 
 def collate(batch, pad_id):
@@ -277,8 +300,9 @@ def task_weights(text):
     weights = {}
     for part in filter(None, text.split(",")):
         task, _, count = part.partition("=")
-        if task not in tasks.TASKS or not count.isdigit() or int(count) < 1:
-            raise argparse.ArgumentTypeError(f"expected TASK=N with TASK in {tasks.TASKS} and N >= 1, got {part!r}")
+        known = (*tasks.TASKS, *CURRICULUM)
+        if task not in known or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"expected TASK=N with TASK in {known} and N >= 1, got {part!r}")
         weights[task] = int(count)
     return weights
 
@@ -302,7 +326,8 @@ def main():
                         help=f"the language model's rotary base (default: {ROPE_THETA:g} from scratch, the model's own "
                              "with --init-from)")
     parser.add_argument("--task-weights", type=task_weights, default={}, metavar="TASK=N,...",
-                        help="how often each task comes up, e.g. color=2,shape=2 (default: 1 each)")
+                        help="how often each task comes up, e.g. color=2,shape=2 (default: 1 each; the "
+                             "training-only 'side' questions 0)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -1,0 +1,62 @@
+"""On a CUDA GPU only (skipped elsewhere, CI included): the vision tower's varlen kernel paths give what SDPA run
+by run gives, forward and backward, in bfloat16.
+
+Run on a GPU machine with `python -m pytest tests/test_gpu.py`."""
+
+import pytest
+import torch
+
+import modeling_qwenvl
+from configuration_qwenvl import QwenVLVisionConfig
+from modeling_qwenvl import QwenVLVisionModel
+from tiny import pixels
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def relative_error(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture
+def tower():
+    torch.manual_seed(0)
+    config = QwenVLVisionConfig(
+        depth=4, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=64,
+        fullatt_block_indexes=[1, 3], window_size=112,
+    )
+    model = QwenVLVisionModel(config).to("cuda", torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def encode_with_grads(model, pixel_values, grid):
+    model.zero_grad(set_to_none=True)
+    out = model(pixel_values, grid)
+    (out.float() * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
+    return out.detach(), model.blocks[0].attn.qkv.weight.grad.clone(), model.blocks[1].attn.qkv.weight.grad.clone()
+
+
+@pytest.mark.parametrize("path", ["sdpa", "flash_attention_2"])
+def test_varlen_kernel_matches_sdpa_run_by_run(tower, monkeypatch, path):
+    """Images of three sizes: windows of several lengths, so "sdpa" takes torch's varlen kernel; "flash_attention_2"
+    takes flash-attn's, or torch's standing in where flash-attn is not installed."""
+    pixel_values, grid = pixels((1, 28, 20), (1, 16, 16), (2, 8, 12))
+    pixel_values, grid = pixel_values.to("cuda", torch.bfloat16), grid.cuda()
+    torch_varlen = modeling_qwenvl.torch_varlen_attn
+    assert torch_varlen is not None, "this torch has no torch.nn.attention.varlen"
+    monkeypatch.setattr(modeling_qwenvl, "torch_varlen_attn", None)
+    by_runs = encode_with_grads(tower, pixel_values, grid)
+    monkeypatch.setattr(modeling_qwenvl, "torch_varlen_attn", torch_varlen)
+
+    calls = []
+    kernel = modeling_qwenvl.flash_attn_varlen_func if path == "flash_attention_2" else torch_varlen
+    kernel = kernel or torch_varlen
+    counted = lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(modeling_qwenvl, "flash_attn_varlen_func" if path == "flash_attention_2" else "torch_varlen_attn",
+                        counted)
+    tower.config._attn_implementation = path
+    varlen = encode_with_grads(tower, pixel_values, grid)
+    assert calls, "the varlen kernel was not used"
+    for a, b in zip(varlen, by_runs):
+        assert relative_error(a, b) < 2e-2
