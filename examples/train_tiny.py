@@ -40,12 +40,11 @@ AUTO_MAP = {
 }
 
 
-# The official rope_theta (1e6), which the shipped model uses. M-RoPE gives the width axis the head's lowest
+# The official rope_theta (1e6), with which training starts. M-RoPE gives the width axis the head's lowest
 # frequencies: with 1e6 and this model's 16 frequency pairs, moving one token across the picture turns the width
-# pairs by at most 2e-4 radians, so the language model hardly sees where a token is. `--rope-theta 20` gives every
-# axis usable frequencies (width 0.06-0.15 rad per token, height 0.19-0.47, time 0.32-1): in a trial (README, "The
-# embedded model") it answered "which corner" perfectly, but learned shapes more slowly and did no better at
-# left/right between two shapes, which needs both shapes found by name first.
+# pairs by at most 2e-4 radians, so the language model hardly sees where a token is, and questions about position
+# stay near chance. The shipped model's last stages switch to `--rope-theta 20` (width 0.06-0.15 rad per token,
+# height 0.19-0.47, time 0.32-1): see README, "The embedded model".
 ROPE_THETA = 1e6
 
 

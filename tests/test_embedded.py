@@ -1,7 +1,7 @@
 """The embedded model at the repo root answers synthetic questions through the pipeline, offline.
 
-The accuracy floor is the level the shipped checkpoint reached (README, "The embedded model"),
-less a margin for the small sample; it is not the issue's 0.90 bar, which this model misses."""
+The floor is the issue's bar for this small eval (0.90 overall on 20 questions per task); the shipped checkpoint
+scores 0.97 here (README, "The embedded model")."""
 
 import json
 import os
@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import synthetic_tasks as tasks  # noqa: E402
 
-ACCURACY_FLOOR = 0.65
+ACCURACY_FLOOR = 0.90
 PER_TASK = 20
 
 pytestmark = pytest.mark.skipif(not (ROOT / "model.safetensors").exists(), reason="the repo root has no weights")
@@ -59,4 +59,4 @@ def test_training_script_runs_and_exports_a_loadable_model(tmp_path):
     from modeling_qwenvl import QwenVLForConditionalGeneration
 
     model = QwenVLForConditionalGeneration.from_pretrained(out_dir)
-    assert model.config.rope_theta == 1e6  # the script's default, the shipped model's: see ROPE_THETA in train_tiny.py
+    assert model.config.rope_theta == 1e6  # the script's default from scratch: see ROPE_THETA in train_tiny.py
