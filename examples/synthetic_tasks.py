@@ -103,11 +103,7 @@ def _position(rng):
         question = rng.choice(PHRASINGS["corner"]).format(shape=item.shape)
         return Example("position", question, CORNERS[item.cell], [item])
     horizontal = rng.random() < 0.5
-    while True:
-        a, b = _items(rng, 2)
-        axis = 1 if horizontal else 0
-        if a.cell[axis] != b.cell[axis]:
-            break
+    a, b = two_apart(rng, axis=1 if horizontal else 0)
     name_a, name_b = f"{a.color} {a.shape}", f"{b.color} {b.shape}"
     if horizontal:
         question = rng.choice(PHRASINGS["left_right"]).format(a=name_a, b=name_b)
@@ -116,6 +112,14 @@ def _position(rng):
         question = rng.choice(PHRASINGS["above_below"]).format(a=name_a, b=name_b)
         answer = "above" if a.cell[0] < b.cell[0] else "below"
     return Example("position", question, answer, [a, b])
+
+
+def two_apart(rng, axis):
+    """Two distinct shapes in different rows (axis 0) or columns (axis 1) of the grid."""
+    while True:
+        a, b = _items(rng, 2)
+        if a.cell[axis] != b.cell[axis]:
+            return a, b
 
 
 def _count(rng):

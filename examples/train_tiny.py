@@ -125,10 +125,7 @@ def side_question(rng):
     side of the other it is on, which the comparison between two named shapes then reads."""
     horizontal = rng.random() < 0.5
     axis = 1 if horizontal else 0
-    while True:
-        a, b = tasks._items(rng, 2)
-        if a.cell[axis] != b.cell[axis]:
-            break
+    a, b = tasks.two_apart(rng, axis)
     first, last = sorted((a, b), key=lambda item: item.cell[axis])
     side = rng.choice(("on the left", "on the right") if horizontal else ("at the top", "at the bottom"))
     target = first if side in ("on the left", "at the top") else last

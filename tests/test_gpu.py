@@ -50,11 +50,9 @@ def test_varlen_kernel_matches_sdpa_run_by_run(tower, monkeypatch, path):
     monkeypatch.setattr(modeling_qwenvl, "torch_varlen_attn", torch_varlen)
 
     calls = []
-    kernel = modeling_qwenvl.flash_attn_varlen_func if path == "flash_attention_2" else torch_varlen
-    kernel = kernel or torch_varlen
-    counted = lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)  # noqa: E731
-    monkeypatch.setattr(modeling_qwenvl, "flash_attn_varlen_func" if path == "flash_attention_2" else "torch_varlen_attn",
-                        counted)
+    name = "flash_attn_varlen_func" if path == "flash_attention_2" else "torch_varlen_attn"
+    kernel = getattr(modeling_qwenvl, name) or torch_varlen
+    monkeypatch.setattr(modeling_qwenvl, name, lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
     tower.config._attn_implementation = path
     varlen = encode_with_grads(tower, pixel_values, grid)
     assert calls, "the varlen kernel was not used"
