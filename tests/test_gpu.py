@@ -5,11 +5,11 @@ Run on a GPU machine with `python -m pytest tests/test_gpu.py`."""
 
 import pytest
 import torch
+from tiny import pixels
 
 import modeling_qwenvl
 from configuration_qwenvl import QwenVLVisionConfig
 from modeling_qwenvl import QwenVLVisionModel
-from tiny import pixels
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
