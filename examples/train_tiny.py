@@ -9,16 +9,19 @@ transformers' Trainer. Two things make it fast enough for 2 CPU cores:
 - only the embedding rows of tokens that occur in the synthetic data are trained, as a small
   separate table, merged back into the full (tied) embedding at the end.
 
-Usage: python examples/train_tiny.py [--output-dir DIR] [--steps N] [--seed S] ...
+Usage: python examples/train_tiny.py [--output-dir DIR] [--to-root]        (the shipped model's recipe)
+       python examples/train_tiny.py --steps N [--init-from DIR] [--lr X] ...  (one run of your own)
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +46,7 @@ AUTO_MAP = {
 # The official rope_theta (1e6), with which training starts. M-RoPE gives the width axis the head's lowest
 # frequencies: with 1e6 and this model's 16 frequency pairs, moving one token across the picture turns the width
 # pairs by at most 2e-4 radians, so the language model hardly sees where a token is, and questions about position
-# stay near chance. The shipped model's last stages switch to `--rope-theta 20` (width 0.06-0.15 rad per token,
+# stay near chance. The recipe's stage 3 switches to rotary base 20 (width 0.06-0.15 rad per token,
 # height 0.19-0.47, time 0.32-1): see README, "The embedded model".
 ROPE_THETA = 1e6
 
@@ -303,81 +306,142 @@ def task_weights(text):
     return weights
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "tiny"), help="where the trained model goes")
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both towers")
-    parser.add_argument("--embedding-lr", type=float, default=3e-3, help="peak learning rate of the embedding rows")
-    parser.add_argument("--warmup", type=int, default=300)
-    parser.add_argument("--negatives", type=int, default=256, help="random vocabulary negatives per step")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=1000, help="steps between held-out evaluations (0: never)")
-    parser.add_argument("--eval-per-task", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--to-root", action="store_true", help="also copy the weights and config.json to the repo root")
-    parser.add_argument("--init-from", metavar="DIR", help="continue from a qwenvl model directory instead of from scratch")
-    parser.add_argument("--rope-theta", type=float, default=None,
-                        help=f"the language model's rotary base (default: {ROPE_THETA:g} from scratch, the model's own "
-                             "with --init-from)")
-    parser.add_argument("--task-weights", type=task_weights, default={}, metavar="TASK=N,...",
-                        help="how often each task comes up, e.g. color=2,shape=2 (default: 1 each; the "
-                             "training-only 'side' questions 0)")
-    args = parser.parse_args()
+@dataclass(frozen=True)
+class Stage:
+    """The settings of one training run (its command-line flags); unset ones keep the from-scratch defaults."""
+    steps: int = 5000
+    lr: float = 1e-3  # peak learning rate of both towers
+    embedding_lr: float = 3e-3  # peak learning rate of the trained embedding rows
+    warmup: int = 300
+    seed: int = 0
+    eval_every: int = 1000  # steps between held-out evaluations (0: never)
+    task_weights: str = ""  # e.g. "color=2,side=3": how often each task comes up (default 1, "side" 0)
+    rope_theta: float | None = None  # the language model's rotary base (None: ROPE_THETA from scratch, else the model's own)
+    init_from: str | None = None  # a qwenvl model directory to continue from (None: from scratch)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+
+# How the shipped model was trained: each stage continues from the one before. Stage 3 switches to rotary base 20;
+# stages 3-8 mix in the training-only "side" questions (README, "The embedded model": learning curve and timings).
+RECIPE = (
+    ("stage1", Stage()),
+    ("stage2", Stage(steps=2800, lr=5e-4, embedding_lr=1.5e-3, warmup=100, seed=1, eval_every=700,
+                     task_weights="color=2,shape=2,position=2")),
+    ("stage3", Stage(steps=4500, lr=5e-4, embedding_lr=1e-3, warmup=200, seed=43, eval_every=1500, rope_theta=20,
+                     task_weights="color=2,position=3,side=3")),
+    ("stage4", Stage(steps=1200, lr=2e-4, embedding_lr=5e-4, warmup=100, seed=47, eval_every=0,
+                     task_weights="color=2,shape=2,position=3,side=2")),
+    ("stage5", Stage(steps=600, lr=1e-4, embedding_lr=3e-4, warmup=50, seed=53, eval_every=0,
+                     task_weights="color=2,shape=3,position=2,side=1")),
+    ("stage6", Stage(steps=3000, lr=3e-4, embedding_lr=8e-4, warmup=100, seed=59, eval_every=1000,
+                     task_weights="color=2,shape=2,position=4,side=3")),
+    ("stage7", Stage(steps=1000, lr=1e-4, embedding_lr=3e-4, warmup=50, seed=61, eval_every=0,
+                     task_weights="color=2,shape=3,position=3,side=1")),
+    ("stage8", Stage(steps=1500, lr=1.5e-4, embedding_lr=4e-4, warmup=50, seed=67, eval_every=0,
+                     task_weights="color=2,shape=4,position=3,side=1")),
+)
+DONE = "final_eval.json"  # written last by a finished stage: a rerun of the recipe skips that stage
+
+
+def train_stage(stage, output_dir, batch_size=32, negatives=256, eval_per_task=40, threads=2):
+    """One training run; leaves a bf16 model in output_dir and returns its held-out accuracy."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(stage.seed)
     processor = QwenVLProcessor.from_pretrained(ROOT)
     encoder = Encoder(processor)
-    if args.init_from:
-        config = QwenVLConfig.from_pretrained(args.init_from)
-        config.rope_theta = args.rope_theta or config.rope_theta
-        model = QwenVLForConditionalGeneration.from_pretrained(args.init_from, config=config, dtype=torch.float32)
+    if stage.init_from:
+        config = QwenVLConfig.from_pretrained(stage.init_from)
+        config.rope_theta = stage.rope_theta or config.rope_theta
+        model = QwenVLForConditionalGeneration.from_pretrained(stage.init_from, config=config, dtype=torch.float32)
     else:
-        model = QwenVLForConditionalGeneration(embedded_config(args.rope_theta or ROPE_THETA))
+        model = QwenVLForConditionalGeneration(embedded_config(stage.rope_theta or ROPE_THETA))
     model.config.pad_token_id = processor.tokenizer.pad_token_id
 
     embedding = model.model.language_model.embed_tokens
     embedding.weight.requires_grad_(False)
-    rows = TrainableRows(embedding.weight, data_vocabulary(encoder, args.seed + 1))
+    rows = TrainableRows(embedding.weight, data_vocabulary(encoder, stage.seed + 1))
     model.model.language_model.embed_tokens = rows
     answer_ids = sorted({i for a in tasks.all_answers() for i in processor.tokenizer(a + "<|im_end|>")["input_ids"]})
 
     tower_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("embed_tokens.rows")]
     optimizer = torch.optim.AdamW(
-        [{"params": tower_params, "lr": args.lr}, {"params": [rows.rows], "lr": args.embedding_lr, "weight_decay": 0.0}],
+        [{"params": tower_params, "lr": stage.lr}, {"params": [rows.rows], "lr": stage.embedding_lr, "weight_decay": 0.0}],
         betas=(0.9, 0.95), weight_decay=0.01,
     )
     training_args = TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, warmup_steps=args.warmup, lr_scheduler_type="cosine", logging_steps=50,
+        output_dir=output_dir, max_steps=stage.steps, per_device_train_batch_size=batch_size,
+        learning_rate=stage.lr, warmup_steps=stage.warmup, lr_scheduler_type="cosine", logging_steps=50,
         save_strategy="no", report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
-        seed=args.seed, use_cpu=True, disable_tqdm=True,
+        seed=stage.seed, use_cpu=True, disable_tqdm=True,
     )
-    os.makedirs(args.output_dir, exist_ok=True)
-    log_path = os.path.join(args.output_dir, "eval_log.jsonl")
+    os.makedirs(output_dir, exist_ok=True)
+    log_path = os.path.join(output_dir, "eval_log.jsonl")
     open(log_path, "w").close()
     encoder.check([tasks.sample(task, random.Random(i)) for i, task in enumerate(tasks.TASKS)])
-    questions = QuestionSet(encoder, args.seed, args.steps * args.batch_size, args.task_weights)
+    questions = QuestionSet(encoder, stage.seed, stage.steps * batch_size, task_weights(stage.task_weights))
     def evaluate(plain):
-        return tasks.evaluate(lambda chunk: generate_answers(plain, processor, chunk), args.eval_per_task,
-                              10_000 + args.seed)
+        return tasks.evaluate(lambda chunk: generate_answers(plain, processor, chunk), eval_per_task, 10_000 + stage.seed)
 
     trainer = AnswerVocabularyTrainer(
         model=model, args=training_args, train_dataset=questions, optimizers=(optimizer, None),
         data_collator=lambda batch: collate(batch, processor.tokenizer.pad_token_id),
-        answer_ids=answer_ids, negatives=args.negatives,
-        callbacks=[Progress(lambda: plain_model(model, rows), evaluate, args.eval_every, log_path, args.output_dir)],
+        answer_ids=answer_ids, negatives=negatives,
+        callbacks=[Progress(lambda: plain_model(model, rows), evaluate, stage.eval_every, log_path, output_dir)],
     )
     started = time.time()
     trainer.train()
     plain = plain_model(model, rows)
-    print(json.dumps({"final": evaluate(plain), "minutes": round((time.time() - started) / 60, 1)}), flush=True)
-    export(plain, args.output_dir)
+    final = {"final": evaluate(plain), "minutes": round((time.time() - started) / 60, 1)}
+    print(json.dumps(final), flush=True)
+    export(plain, output_dir)
+    with open(os.path.join(output_dir, DONE), "w") as f:
+        json.dump({**final, "stage": dataclasses.asdict(stage)}, f)
+    return final
+
+
+def run_recipe(recipe, output_dir, **options):
+    """Every stage in order, stage k in output_dir/<name> continuing from stage k-1; finished stages are skipped,
+    so an interrupted run resumes at the stage it was in. Returns the last stage's directory."""
+    previous = None
+    for name, stage in recipe:
+        stage_dir = os.path.join(output_dir, name)
+        if not os.path.exists(os.path.join(stage_dir, DONE)):
+            print(f"--- {name}: {stage}", flush=True)
+            train_stage(dataclasses.replace(stage, init_from=previous), stage_dir, **options)
+        previous = stage_dir
+    return previous
+
+
+def main():
+    recipe = "\n".join(f"  {name}: {stage}" for name, stage in RECIPE)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=f"the recipe (RECIPE):\n{recipe}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "tiny"), help="where the trained model goes")
+    parser.add_argument("--to-root", action="store_true", help="also copy the weights and config.json to the repo root")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--negatives", type=int, default=256, help="random vocabulary negatives per step")
+    parser.add_argument("--eval-per-task", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    single = parser.add_argument_group("one run of your own (any of these turns the recipe off)")
+    for field in dataclasses.fields(Stage):
+        kind = {"rope_theta": float, "init_from": str}.get(field.name, type(field.default))
+        single.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None,
+                            help=f"default: {field.default!r} (see Stage)")
+    args = parser.parse_args()
+    options = dict(batch_size=args.batch_size, negatives=args.negatives, eval_per_task=args.eval_per_task,
+                   threads=args.threads)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Stage) if getattr(args, f.name) is not None}
+    try:
+        task_weights(given.get("task_weights", ""))  # a bad TASK=N list fails here, before any work
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--task-weights: {error}")
+    if given:
+        train_stage(Stage(**given), args.output_dir, **options)
+        final_dir = args.output_dir
+    else:
+        final_dir = run_recipe(RECIPE, args.output_dir, **options)
     if args.to_root:
         for name in ("model.safetensors", "config.json", "generation_config.json"):
-            shutil.copy(os.path.join(args.output_dir, name), os.path.join(ROOT, name))
+            shutil.copy(os.path.join(final_dir, name), os.path.join(ROOT, name))
 
 
 if __name__ == "__main__":
