@@ -321,7 +321,7 @@ class Stage:
 
 
 # How the shipped model was trained: each stage continues from the one before. Stage 3 switches to rotary base 20;
-# stages 3-8 mix in the training-only "side" questions (README, "The embedded model": learning curve and timings).
+# stages 3-9 mix in the training-only "side" questions (README, "The embedded model": learning curve and timings).
 RECIPE = (
     ("stage1", Stage()),
     ("stage2", Stage(steps=2800, lr=5e-4, embedding_lr=1.5e-3, warmup=100, seed=1, eval_every=700,
@@ -338,6 +338,8 @@ RECIPE = (
                      task_weights="color=2,shape=3,position=3,side=1")),
     ("stage8", Stage(steps=1500, lr=1.5e-4, embedding_lr=4e-4, warmup=50, seed=67, eval_every=0,
                      task_weights="color=2,shape=4,position=3,side=1")),
+    ("stage9", Stage(steps=1000, lr=1e-4, embedding_lr=3e-4, warmup=50, seed=71, eval_every=0,
+                     task_weights="color=2,shape=5,position=3,side=1")),
 )
 DONE = "final_eval.json"  # written last by a finished stage: a rerun of the recipe skips that stage
 
