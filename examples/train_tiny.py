@@ -320,8 +320,8 @@ class Stage:
     init_from: str | None = None  # a qwenvl model directory to continue from (None: from scratch)
 
 
-# Each stage continues from the one before. Stage 3 switches to rotary base 20; stages 3-11 mix in the training-only
-# "side" questions. Stages 1-9 made the shipped weights; 10-11 were added after a from-scratch rerun of 1-9 with
+# Each stage continues from the one before. Stage 3 switches to rotary base 20; stages 3-14 mix in the training-only
+# "side" questions. Stages 1-9 made the shipped weights; 10-14 were added after a from-scratch rerun of 1-9 with
 # today's code fell short (README, "The embedded model": learning curves, timings, measured figures).
 RECIPE = (
     ("stage1", Stage()),
@@ -345,6 +345,12 @@ RECIPE = (
                       task_weights="color=4,shape=2,position=4,side=2")),
     ("stage11", Stage(steps=1500, lr=1.5e-4, embedding_lr=4e-4, warmup=50, seed=79, eval_every=0,
                       task_weights="color=2,shape=2,position=6,side=3")),
+    ("stage12", Stage(steps=3000, lr=1.5e-4, embedding_lr=4e-4, warmup=50, seed=83, eval_every=1000,
+                      task_weights="color=2,shape=3,position=6,side=3")),
+    ("stage13", Stage(steps=1000, lr=1e-4, embedding_lr=3e-4, warmup=50, seed=89, eval_every=0,
+                      task_weights="color=2,shape=5,position=4,side=2")),
+    ("stage14", Stage(steps=1500, lr=1e-4, embedding_lr=3e-4, warmup=50, seed=97, eval_every=0,
+                      task_weights="color=2,shape=6,position=3,side=1")),
 )
 DONE = "final_eval.json"  # written last by a finished stage: a rerun of the recipe skips that stage
 
@@ -427,7 +433,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--negatives", type=int, default=256, help="random vocabulary negatives per step")
     parser.add_argument("--eval-per-task", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="CPU threads; runs repeat bit for bit only with 1 (about half the speed of 2)")
     single = parser.add_argument_group("one run of your own (any of these turns the recipe off)")
     for field in dataclasses.fields(Stage):
         kind = {"rope_theta": float, "init_from": str}.get(field.name, type(field.default))
