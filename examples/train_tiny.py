@@ -200,7 +200,10 @@ class TrainableRows(nn.Module):
 
     def weight_of(self, ids):
         slot = self.slot[ids]
-        return torch.where((slot >= 0)[..., None], self.rows[slot.clamp(min=0)], self.full[ids])
+        # F.embedding rather than rows[slot]: on the CPU its backward sums repeated rows in a fixed order, where the
+        # indexing backward's multi-threaded accumulation made runs on 2 threads differ from step to step
+        trained = F.embedding(slot.clamp(min=0), self.rows)
+        return torch.where((slot >= 0)[..., None], trained, self.full[ids])
 
     def forward(self, ids):
         return self.weight_of(ids)
@@ -434,7 +437,7 @@ def main():
     parser.add_argument("--negatives", type=int, default=256, help="random vocabulary negatives per step")
     parser.add_argument("--eval-per-task", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2,
-                        help="CPU threads; runs repeat bit for bit only with 1 (about half the speed of 2)")
+                        help="CPU threads (a seeded run repeats bit for bit at the same count)")
     single = parser.add_argument_group("one run of your own (any of these turns the recipe off)")
     for field in dataclasses.fields(Stage):
         kind = {"rope_theta": float, "init_from": str}.get(field.name, type(field.default))

@@ -86,3 +86,34 @@ def test_recipe_chains_its_stages_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_tiny, "train_stage", must_not_train)
     assert train_tiny.run_recipe(recipe, str(tmp_path), **options) == last
+
+
+def test_trained_rows_gradient_repeats_bit_for_bit():
+    """A seeded run repeats exactly on 2 threads: the gradient of the trained embedding rows, where a batch repeats the
+    same ids hundreds of times, is summed in a fixed order. An indexing backward (rows[slot]) summed repeated rows with
+    thread-timing-dependent order, which shows once another process competes for the cores, as the busy loop does."""
+    import torch
+    import train_tiny
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        generator = torch.Generator().manual_seed(0)
+        full = torch.nn.Parameter(torch.randn(300, 128, generator=generator), requires_grad=False)
+        rows = train_tiny.TrainableRows(full, list(range(280)))  # the last 20 ids stay frozen
+        ids = torch.randint(0, 300, (32, 120), generator=generator)
+        ids[:, :60] = 4  # one trained token repeated, as the chat template's tokens are in every example
+        upstream = torch.randn(32, 120, 128, generator=generator)
+        grads = []
+        for _ in range(20):
+            rows.rows.grad = None
+            (rows(ids) * upstream).sum().backward()
+            grads.append(rows.rows.grad.clone())
+    finally:
+        busy.kill()
+        busy.wait()
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], grad) for grad in grads[1:])
+    expected = torch.zeros(300, 128, dtype=torch.float64).index_add_(0, ids.flatten(), upstream.double().flatten(0, 1))
+    torch.testing.assert_close(grads[0].double(), expected[:280], rtol=1e-5, atol=1e-4)
