@@ -324,8 +324,8 @@ class Stage:
 
 
 # Each stage continues from the one before. Stage 3 switches to rotary base 20; stages 3-14 mix in the training-only
-# "side" questions. Stages 1-9 made the shipped weights; 10-14 were added after a from-scratch rerun of 1-9 with
-# today's code fell short (README, "The embedded model": learning curves, timings, measured figures).
+# "side" questions. Stages 1-9 made the shipped weights; 10-14 were added after a from-scratch rerun of 1-9 fell
+# short (README, "The embedded model": learning curves, timings, measured figures).
 RECIPE = (
     ("stage1", Stage()),
     ("stage2", Stage(steps=2800, lr=5e-4, embedding_lr=1.5e-3, warmup=100, seed=1, eval_every=700,
