@@ -17,6 +17,13 @@ meaning the merger's output) is recognised by the presence of `embed_dim`.
 
 from transformers import PretrainedConfig
 
+# Every Auto class a saved model directory answers to (written into its config.json on save).
+AUTO_MAP = {
+    "AutoConfig": "configuration_qwenvl.QwenVLConfig",
+    "AutoModel": "modeling_qwenvl.QwenVLModel",
+    "AutoModelForImageTextToText": "modeling_qwenvl.QwenVLForConditionalGeneration",
+}
+
 
 class QwenVLVisionConfig(PretrainedConfig):
     model_type = "qwenvl_vision"
@@ -130,6 +137,11 @@ class QwenVLConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         self._validate()
+
+    @property
+    def family(self):
+        """Which generation this config describes, read from its switches: "qwen2_5_vl" or "qwen2_vl"."""
+        return "qwen2_5_vl" if self.vision_config.norm_type == "rmsnorm" else "qwen2_vl"
 
     @property
     def head_dim(self):

@@ -39,9 +39,9 @@ except ImportError:
     torch_varlen_attn = None
 
 try:  # as remote code, the files form a package; from a checkout, they are plain modules
-    from .configuration_qwenvl import QwenVLConfig, QwenVLVisionConfig
+    from .configuration_qwenvl import AUTO_MAP, QwenVLConfig, QwenVLVisionConfig
 except ImportError:
-    from configuration_qwenvl import QwenVLConfig, QwenVLVisionConfig
+    from configuration_qwenvl import AUTO_MAP, QwenVLConfig, QwenVLVisionConfig
 
 # ---------------------------------------------------------------------------------------
 # Where transformers versions differ (4.57 and 5.x), and nowhere else.
@@ -1203,11 +1203,6 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         return input_ids, model_kwargs
 
 
-AUTO_MAP = {
-    "AutoConfig": "configuration_qwenvl.QwenVLConfig",
-    "AutoModel": "modeling_qwenvl.QwenVLModel",
-    "AutoModelForImageTextToText": "modeling_qwenvl.QwenVLForConditionalGeneration",
-}
 VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 MODALITIES = (
     ("image", "pixel_values", "image_grid_thw", None),
