@@ -15,6 +15,8 @@ with `rope_parameters`; Qwen2-VL's vision naming (`embed_dim`, `mlp_ratio`, `hid
 meaning the merger's output) is recognised by the presence of `embed_dim`.
 """
 
+import inspect
+
 from transformers import PretrainedConfig
 
 # Every Auto class a saved model directory answers to (written into its config.json on save).
@@ -121,11 +123,48 @@ class QwenVLConfig(PretrainedConfig):
     sub_configs = {"vision_config": QwenVLVisionConfig}
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
-    def __init__(self, vision_config=None, **kwargs):
-        text = dict(TEXT_DEFAULTS)
-        text.update(_official_text_fields(kwargs))
-        text.update({name: kwargs.pop(name) for name in TEXT_DEFAULTS if name in kwargs})
-        for name, value in text.items():
+    def __init__(
+        self,
+        vision_config=None,
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        hidden_act="silu",
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        mrope_section=(16, 24, 24),  # frequency pairs turned by time, height, width
+        attention_dropout=0.0,
+        initializer_range=0.02,
+        use_cache=True,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.mrope_section = mrope_section
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
+        self.vision_start_token_id = vision_start_token_id
+        self.vision_end_token_id = vision_end_token_id
+        for name, value in _official_text_fields(kwargs).items():  # the other config.json shapes
             setattr(self, name, value)
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.mrope_section = list(self.mrope_section)
@@ -177,33 +216,11 @@ class QwenVLConfig(PretrainedConfig):
         return view
 
 
-# The language model's fields and their defaults (Qwen2.5-VL-7B).
-TEXT_DEFAULTS = dict(
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    hidden_act="silu",
-    max_position_embeddings=128000,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    mrope_section=[16, 24, 24],
-    attention_dropout=0.0,
-    initializer_range=0.02,
-    use_cache=True,
-    image_token_id=151655,
-    video_token_id=151656,
-    vision_start_token_id=151652,
-    vision_end_token_id=151653,
-)
-
-
 def _official_text_fields(kwargs):
     """Pop the official shapes' text settings out of `kwargs`, under our flat names.
 
-    Reads a nested `text_config` (transformers 5) and `rope_scaling` / `rope_parameters`
+    Reads a nested `text_config` (transformers 5 files), which fills the same fields as the flat arguments, and
+    `rope_scaling` / `rope_parameters`
     (which hold `mrope_section` and `rope_theta`); drops the sliding-window fields, which
     the official models leave disabled.
     """
@@ -212,7 +229,7 @@ def _official_text_fields(kwargs):
     if text_config is not None:
         text_config = text_config if isinstance(text_config, dict) else text_config.to_dict()
         for key, value in text_config.items():
-            if key in TEXT_DEFAULTS or key in ("rope_scaling", "rope_parameters", "use_sliding_window"):
+            if key in TEXT_FIELDS or key in ("rope_scaling", "rope_parameters", "use_sliding_window"):
                 fields[key] = value
             elif key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
                 kwargs.setdefault(key, value)
@@ -233,5 +250,8 @@ def _official_text_fields(kwargs):
         kwargs.pop(key, None)
     return fields
 
+
+# The language model's fields: the arguments of QwenVLConfig after vision_config.
+TEXT_FIELDS = tuple(inspect.signature(QwenVLConfig.__init__).parameters)[2:-1]
 
 QwenVLConfig.register_for_auto_class()

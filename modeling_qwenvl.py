@@ -1,15 +1,14 @@
 """qwenvl: Qwen2.5-VL and Qwen2-VL as one readable, single-file model.
 
-The data flows top to bottom through this file:
+The data flows top to bottom through this file, one section per step:
 
-    pixels -> patches (patch_embed) -> window order (get_window_index) -> vision blocks
-    (packed attention over cu_seqlens) -> merger (2x2 -> 1) -> raster order
-    -> scattered into the text embeddings -> M-RoPE positions (get_rope_index)
-    -> Qwen2 decoder -> logits
+    pixels -> patches (PatchEmbed) -> window order (get_window_index) -> vision blocks (packed attention over
+    segments) -> merger (2x2 -> 1) -> raster order -> scattered into the text embeddings (scatter_vision)
+    -> M-RoPE positions (get_rope_index) -> Qwen2 decoder -> logits
 
-The two families differ only by the switches of `QwenVLVisionConfig` (norm, MLP, window
-layers, video time scaling). Shapes use N = patches, M = N / 4 merged tokens, B = batch,
-L = sequence length, H = heads, D = head size.
+The families differ only by switches of `QwenVLVisionConfig` (norm, MLP, window layers, video time scaling); how the
+coming families fit is in docs/design.md ("The layout: one house for five families"). Shapes use N = patches,
+M = N / 4 merged tokens, B = batch, L = sequence length, H = heads, D = head size.
 """
 
 import inspect
@@ -17,6 +16,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 try:  # optional: varlen kernel for the vision tower on GPUs
     from flash_attn import flash_attn_varlen_func
@@ -43,37 +43,33 @@ try:  # as remote code, the files form a package; from a checkout, they are plai
 except ImportError:
     from configuration_qwenvl import AUTO_MAP, QwenVLConfig, QwenVLVisionConfig
 
-# ---------------------------------------------------------------------------------------
-# Where transformers versions differ (4.57 and 5.x), and nowhere else.
-# 5.x passes the KV cache to `forward` as `cache=` and reads it back from `outputs.cache`;
-# 4.x uses `past_key_values` for both.
+# ----------------------------------------------------------------------------------------------------------------------
+# Compat: every place where transformers 4.57 and 5.x differ for this file, detected by feature.
+# 1. 5.x passes the KV cache to `forward` as `cache=` and reads it back from `outputs.cache`; 4.x uses
+#    `past_key_values` for both.
 CACHE_NAME = (
     "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
     else "past_key_values"
 )
-# Official hub files (saved by transformers 4.49-4.51) put the language model at `model.*`
-# and the vision tower at `visual.*`; `from_pretrained(key_mapping=...)` works on 4.57 and 5.x.
-HUB_KEY_MAPPING = {
-    r"^visual\.": "model.visual.",
-    r"^model\.(?!visual\.|language_model\.)": "model.language_model.",
-}
-# vLLM's Transformers backend does not call from_pretrained: it renames checkpoint weights with the conversions 5.x
-# keeps per architecture name. Registering the same renaming under ours lets it serve the hub layout too (and 5.x's
-# from_pretrained then applies it beside key_mapping, which changes nothing: the renaming is idempotent). 4.x has
-# no such registry.
+# 2. Attention kernels by name: 5.x looks them up with `get_interface` (and lets `set_attn_implementation` switch a
+#    loaded model only when the source does so); 4.x indexes the registry (and lets it switch when the source reads
+#    `ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]` beside an `eager_attention_forward`).
+#    See TextAttention.
+HAS_ATTENTION_GET_INTERFACE = hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface")
+# 3. 5.x keeps checkpoint renamings per architecture name (vLLM's Transformers backend applies them); 4.x has no
+#    such registry. Used in "Loading and saving".
 try:
     from transformers.conversion_mapping import WeightRenaming, register_checkpoint_conversion_mapping
 except ImportError:
     register_checkpoint_conversion_mapping = None
-if register_checkpoint_conversion_mapping is not None:
-    register_checkpoint_conversion_mapping(
-        "QwenVLForConditionalGeneration",
-        [WeightRenaming(source, target) for source, target in HUB_KEY_MAPPING.items()],
-        overwrite=True,  # this file may be imported twice: from a checkout and as a model directory's remote code
-    )
-# 5.x saves weights back in the layout they were loaded from unless told otherwise.
+# 4. 5.x saves weights back in the layout they were loaded from unless told otherwise.
 SAVES_ORIGINAL_FORMAT = "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
-# ---------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+# ======================================================================================================================
+# Shared layers and the base class
+# ======================================================================================================================
 
 
 class RMSNorm(nn.Module):
@@ -89,8 +85,71 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class QwenVLPreTrainedModel(PreTrainedModel):
+    config_class = QwenVLConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TextDecoderLayer", "VisionBlock"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _supports_cache_class = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Weights load from safetensors only: a pickle checkpoint (`pytorch_model.bin`) can run arbitrary code
+        while it loads, so it is refused unless the caller passes `use_safetensors=False`."""
+        if kwargs.get("use_safetensors") is None:
+            kwargs["use_safetensors"] = True
+        if kwargs["use_safetensors"]:
+            directory = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            refuse_pickle_only_directory(os.path.normpath(os.path.join(str(directory), kwargs.get("subfolder") or "")))
+        return super().from_pretrained(*args, **kwargs)
+
+    def _init_weights(self, module):
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, (nn.Linear, nn.Conv3d)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+# ======================================================================================================================
+# Vision tower: pixels -> patches -> window order -> blocks -> merger -> merged tokens in raster order
+# ======================================================================================================================
+
+
+# The float16 guard. The official weights grow vision activations beyond float16's range (65504) in the last blocks,
+# so with float16 weights the vision tower keeps its residual stream in float32: the patch embedding's output is
+# widened (`residual_dtype`), the projections that write into the stream run in float32 (`project`), and its norms
+# read the wider stream (`LayerNorm`). Every other dtype runs as it is.
+def residual_dtype(dtype):
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def project(layer, x, dtype):
+    """layer(x) in `dtype`, the residual stream's (the float16 guard)."""
+    if dtype == layer.weight.dtype:
+        return layer(x)
+    bias = layer.bias.to(dtype) if layer.bias is not None else None
+    return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
+
+
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm that also normalises a wider input than its weights (float16 guard, see below)."""
+    """LayerNorm that also normalises a wider input than its weights (the float16 guard)."""
 
     def forward(self, x):
         if x.dtype == self.weight.dtype:
@@ -100,16 +159,6 @@ class LayerNorm(nn.LayerNorm):
 
 def make_norm(norm_type, dim):
     return RMSNorm(dim, eps=1e-6) if norm_type == "rmsnorm" else LayerNorm(dim, eps=1e-6)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-# =======================================================================================
-# Vision tower
-# =======================================================================================
 
 
 class PatchEmbed(nn.Module):
@@ -130,6 +179,11 @@ class PatchEmbed(nn.Module):
             folded = weight.sum(2).flatten(1)
             return frames[:, :, 0].reshape(frames.shape[0], -1).to(folded.dtype) @ folded.t()
         return pixel_values.to(weight.dtype) @ weight.flatten(1).t()
+
+
+# ======================================================================================================================
+# Vision tower: where each patch sits (rotary tables, window order, frame boundaries)
+# ======================================================================================================================
 
 
 def patch_hw_positions(grid_thw, merge_size):
@@ -190,6 +244,23 @@ def frame_seqlens(grid_thw):
     return F.pad(per_frame.cumsum(0), (1, 0))
 
 
+def to_window_order(x, window_index):
+    """Reorder rows of x ([N, ...]) by whole 2x2 groups, following window_index ([M])."""
+    groups = x.view(window_index.shape[0], -1, *x.shape[1:])
+    return groups[window_index].flatten(0, 1)
+
+
+def inverse_permutation(index):
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.shape[0], device=index.device)
+    return inverse
+
+
+# ======================================================================================================================
+# Vision tower: packed attention (row slices, runs of equal segments, varlen kernels)
+# ======================================================================================================================
+
+
 # On the CPU a vision block works on slices of the tokens whose largest activation ([rows, 3 * hidden] for
 # attention, [rows, intermediate] for the MLP) stays within this many elements: 16 MiB in float32. Larger
 # temporaries are fresh pages from the OS on every call, which the kernel maps and zeroes on first touch: that costs
@@ -204,34 +275,61 @@ def rows_per_slice(width, device):
     return max(1, SLICE_ELEMENTS // width) if device.type == "cpu" else sys.maxsize
 
 
+class Run(NamedTuple):
+    """`count` consecutive segments of `length` rows from row `start`: attention takes them as one batch."""
+
+    start: int
+    count: int
+    length: int
+
+
+class Slice(NamedTuple):
+    """Rows [start, end) of whole segments: q, k, v and the output projection run once per slice."""
+
+    start: int
+    end: int
+    runs: list  # [Run], rows counted from the slice's start
+    cu_seqlens: torch.Tensor  # [segments + 1] int32 boundaries from the slice's start, on the device (varlen kernels)
+    max_length: int  # the longest segment
+
+
 def segment_runs(cu_seqlens, max_rows):
-    """Group consecutive segments of equal length into runs of at most `max_rows` rows (or one
-    segment): [(start, count, length)]. Attention runs once per run, its segments as a batch."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    """Group consecutive segments of equal length into runs of at most `max_rows` rows (or one segment). -> [Run]"""
     runs, start = [], 0
-    for length in lengths:
+    for length in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist():
         last = runs[-1] if runs else None
-        if last and last[2] == length and last[0] + last[1] * length == start and (last[1] + 1) * length <= max_rows:
-            last[1] += 1
+        joins = last and last.length == length and last.start + last.count * length == start
+        if joins and (last.count + 1) * length <= max_rows:
+            runs[-1] = last._replace(count=last.count + 1)
         else:
-            runs.append([start, 1, length])
+            runs.append(Run(start, 1, length))
         start += length
-    return [tuple(run) for run in runs]
+    return runs
 
 
-def slices_of_runs(runs, max_rows):
-    """Group consecutive runs into slices of at most `max_rows` rows (or one run): [(start, end, runs)], each
-    slice's runs counted from its start. A block computes q, k, v and the output projection once per slice, and
-    attention once per run inside it: many short runs (images of many sizes) then cost one matmul, not many."""
-    slices = []
-    for start, count, length in runs:
-        end = start + count * length
-        if slices and end - slices[-1][0] <= max_rows:
-            first = slices[-1][0]
-            slices[-1] = (first, end, slices[-1][2] + [(start - first, count, length)])
+def slices_of_runs(runs, max_rows, device="cpu"):
+    """Group consecutive runs into slices of at most `max_rows` rows (or one run). -> [Slice]
+
+    Many short runs (images of many sizes) then cost one matmul for q, k, v, not one each."""
+    groups = []  # [start, end, runs counted from start]
+    for run in runs:
+        end = run.start + run.count * run.length
+        if groups and end - groups[-1][0] <= max_rows:
+            groups[-1][1] = end
+            groups[-1][2].append(run._replace(start=run.start - groups[-1][0]))
         else:
-            slices.append((start, end, [(0, count, length)]))
+            groups.append([run.start, end, [run._replace(start=0)]])
+    slices = []
+    for start, end, members in groups:
+        bounds = [0] + [run.start + (i + 1) * run.length for run in members for i in range(run.count)]
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
+        slices.append(Slice(start, end, members, cu_seqlens, max(run.length for run in members)))
     return slices
+
+
+def segment_slices(cu_seqlens, max_rows, device):
+    """The attention segments of one kind of layer (frames or windows), as the slices the blocks work on."""
+    return slices_of_runs(segment_runs(cu_seqlens, max_rows), max_rows, device)
 
 
 # Eager attention materialises scores; this bounds them (elements) per call.
@@ -253,6 +351,17 @@ def segment_attention(q, k, v, count, length, implementation):
     return out.transpose(1, 2).reshape(q.shape)
 
 
+def runs_attention(q, k, v, runs, implementation):
+    """Attention over one slice, once per run of equal segments. q, k, v: [rows, H, D]."""
+    if len(runs) == 1:
+        return segment_attention(q, k, v, runs[0].count, runs[0].length, implementation)
+    out = torch.empty_like(q)
+    for start, count, length in runs:
+        rows = slice(start, start + count * length)
+        out[rows] = segment_attention(q[rows], k[rows], v[rows], count, length, implementation)
+    return out
+
+
 def eager_segment_attention(q, k, v, scale):
     """softmax(q k^T / sqrt(D)) v in float32, in query chunks so that no more than
     EAGER_SCORE_BUDGET scores exist at once. q, k, v: [n, H, L, D]."""
@@ -267,8 +376,8 @@ def eager_segment_attention(q, k, v, scale):
     return out
 
 
-def varlen_kernel(implementation, weight, segments):
-    """The packed variable-length attention kernel for a layer whose q, k, v come from `weight`, or None (then
+def varlen_kernel(implementation, weight, piece):
+    """The packed variable-length attention kernel for a slice whose q, k, v come from `weight`, or None (then
     attention runs once per run of equal segments).
 
     "flash_attention_2" takes flash-attn's: one call per layer covers every window of every image, whatever their
@@ -280,57 +389,60 @@ def varlen_kernel(implementation, weight, segments):
             raise ImportError('attn_implementation="flash_attention_2" needs the flash-attn package: pip install flash-attn')
         return flash_attn_varlen_func
     half = weight.dtype in (torch.float16, torch.bfloat16)
-    fragmented = len(segments.runs) > 1
+    fragmented = len(piece.runs) > 1
     if implementation == "sdpa" and torch_varlen_attn is not None and weight.is_cuda and half and fragmented:
         return torch_varlen_attn
     return None
 
 
-class VisionAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.num_heads = config.num_heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
-        self.config = config
+@dataclass
+class GridPlan:
+    """What the vision tower needs to know about a batch of grids, apart from the pixels."""
 
-    def forward(self, x, segments, cos, sin):  # x: [N, hidden], the residual stream's dtype
-        kernel = varlen_kernel(self.config._attn_implementation, self.qkv.weight, segments)
-        if kernel is not None:
-            q, k, v = self.rotated_qkv(x, cos, sin)
-            cu, longest = segments.cu_seqlens, segments.max_length
-            return project(self.proj, kernel(q, k, v, cu, cu, longest, longest).flatten(1), x.dtype)
-        outputs = [
-            self.attend(x[start:end], cos[start:end], sin[start:end], runs) for start, end, runs in segments.slices
-        ]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-
-    def attend(self, x, cos, sin, runs):  # one slice: runs of `count` segments of `length` rows
-        q, k, v = self.rotated_qkv(x, cos, sin)
-        implementation = self.config._attn_implementation
-        if len(runs) == 1:
-            out = segment_attention(q, k, v, runs[0][1], runs[0][2], implementation)
-        else:
-            out = torch.empty_like(q)
-            for start, count, length in runs:
-                rows = slice(start, start + count * length)
-                out[rows] = segment_attention(q[rows], k[rows], v[rows], count, length, implementation)
-        return project(self.proj, out.flatten(1), x.dtype)
-
-    def rotated_qkv(self, x, cos, sin):  # -> q, k, v: [N, H, D]
-        qkv = self.qkv(x.to(self.qkv.weight.dtype)).view(x.shape[0], 3, self.num_heads, -1)
-        q, k = apply_vision_rotary(qkv[:, :2], cos, sin).unbind(1)
-        return q, k, qkv[:, 2]
+    cos: torch.Tensor  # [N, D/2] float32, rows in the order the blocks see the patches
+    sin: torch.Tensor
+    frames: list  # [Slice] full attention: every frame of every image
+    windows: list | None = None  # [Slice] window attention (Qwen2.5-VL)
+    window_index: torch.Tensor | None = None  # [M] merged-token order of the blocks
+    inverse_index: torch.Tensor | None = None  # [M] back to raster order
 
 
-def project(layer, x, dtype):
-    """layer(x) in `dtype`. For float16 weights the vision tower keeps its residual stream in
-    float32 (`dtype`), and the projections that write into it run in float32 too: the official
-    weights grow activations beyond float16's range (65504) in the last blocks."""
-    if dtype == layer.weight.dtype:
-        return layer(x)
-    bias = layer.bias.to(dtype) if layer.bias is not None else None
-    return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
+def plan_grids(config, grid_thw, device):
+    cos, sin = vision_rotary_tables(config, grid_thw, device)
+    max_rows = rows_per_slice(3 * config.hidden_size, torch.device(device))
+    plan = GridPlan(cos, sin, segment_slices(frame_seqlens(grid_thw), max_rows, device))
+    if config.uses_window_attention:
+        window_index, cu_window_seqlens = get_window_index(
+            grid_thw, config.window_size, config.spatial_merge_size, config.patch_size
+        )
+        plan.window_index = window_index.to(device)
+        plan.inverse_index = inverse_permutation(plan.window_index)
+        plan.cos, plan.sin = to_window_order(cos, plan.window_index), to_window_order(sin, plan.window_index)
+        plan.windows = segment_slices(cu_window_seqlens, max_rows, device)
+    return plan
+
+
+def chunks_of_frames(grid_thw, max_patches):
+    """Split items into chunks of at most `max_patches` patches, cutting only between frames
+    (attention never crosses a frame, so each chunk encodes exactly as it would in one pass).
+    -> [(first row, end row, grid_thw of the chunk)]"""
+    chunks, current, size, start = [], [], 0, 0
+    for t, h, w in grid_thw.tolist():
+        while t:
+            frames = min(t, max(1, (max_patches - size) // (h * w)))
+            if size and size + frames * h * w > max_patches:
+                chunks.append((start, start + size, torch.tensor(current)))
+                start, current, size = start + size, [], 0
+                continue
+            current.append([frames, h, w])
+            size, t = size + frames * h * w, t - frames
+    chunks.append((start, start + size, torch.tensor(current)))
+    return chunks
+
+
+# ======================================================================================================================
+# Vision tower: blocks, merger and the tower itself
+# ======================================================================================================================
 
 
 def apply_vision_rotary(qk, cos, sin):
@@ -342,6 +454,35 @@ def apply_vision_rotary(qk, cos, sin):
     cos, sin = cos[:, None, None], sin[:, None, None]  # [N, 1, 1, D/2]
     rotated = torch.cat([torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin)], dim=-1)
     return rotated.to(qk.dtype)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.config = config
+
+    def forward(self, x, slices, cos, sin):  # x: [N, hidden], the residual stream's dtype
+        outputs = [self.attend(x, cos, sin, piece) for piece in slices]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def attend(self, x, cos, sin, piece):  # one Slice of whole segments -> [rows, hidden]
+        rows = slice(piece.start, piece.end)
+        q, k, v = self.rotated_qkv(x[rows], cos[rows], sin[rows])
+        implementation = self.config._attn_implementation
+        kernel = varlen_kernel(implementation, self.qkv.weight, piece)
+        if kernel is not None:  # one call for every segment of the slice, whatever their lengths
+            out = kernel(q, k, v, piece.cu_seqlens, piece.cu_seqlens, piece.max_length, piece.max_length)
+        else:
+            out = runs_attention(q, k, v, piece.runs, implementation)
+        return project(self.proj, out.flatten(1), x.dtype)
+
+    def rotated_qkv(self, x, cos, sin):  # -> q, k, v: [N, H, D]
+        qkv = self.qkv(x.to(self.qkv.weight.dtype)).view(x.shape[0], 3, self.num_heads, -1)
+        q, k = apply_vision_rotary(qkv[:, :2], cos, sin).unbind(1)
+        return q, k, qkv[:, 2]
 
 
 class VisionMLP(nn.Module):
@@ -381,8 +522,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x, segments, cos, sin):
-        x = x + self.attn(self.norm1(x), segments, cos, sin)
+    def forward(self, x, slices, cos, sin):
+        x = x + self.attn(self.norm1(x), slices, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
@@ -399,183 +540,6 @@ class PatchMerger(nn.Module):
 
     def forward(self, x):  # [N, hidden] -> [M, out_hidden]
         return self.mlp(self.ln_q(x).view(-1, self.group_dim).to(self.mlp[0].weight.dtype))
-
-
-class QwenVLPreTrainedModel(PreTrainedModel):
-    config_class = QwenVLConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["DecoderLayer", "VisionBlock"]
-    _skip_keys_device_placement = ["past_key_values", "cache"]
-    _supports_flash_attn = True
-    _supports_flash_attn_2 = True
-    _supports_sdpa = True
-    _supports_attention_backend = True
-    _supports_cache_class = True
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Weights load from safetensors only: a pickle checkpoint (`pytorch_model.bin`) can run arbitrary code
-        while it loads, so it is refused unless the caller passes `use_safetensors=False`."""
-        if kwargs.get("use_safetensors") is None:
-            kwargs["use_safetensors"] = True
-        if kwargs["use_safetensors"]:
-            directory = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            refuse_pickle_only_directory(os.path.normpath(os.path.join(str(directory), kwargs.get("subfolder") or "")))
-        return super().from_pretrained(*args, **kwargs)
-
-    def _init_weights(self, module):
-        std = getattr(self.config, "initializer_range", 0.02)
-        if isinstance(module, (nn.Linear, nn.Conv3d)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
-            nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-
-
-@dataclass
-class GridPlan:
-    """What the vision tower needs to know about a batch of grids, apart from the pixels."""
-
-    cos: torch.Tensor  # [N, D/2] float32, rows in the order the blocks see the patches
-    sin: torch.Tensor
-    frames: "Segments"  # full attention: every frame of every image
-    windows: "Segments | None" = None  # window attention (Qwen2.5-VL)
-    window_index: torch.Tensor | None = None  # [M] merged-token order of the blocks
-    inverse_index: torch.Tensor | None = None  # [M] back to raster order
-
-
-@dataclass
-class Segments:
-    """The attention segments of one kind of layer, in the two forms the kernels take."""
-
-    runs: list  # segment_runs: for attention once per run of equal segments
-    slices: list  # slices_of_runs: for q, k, v and the projection once per slice
-    cu_seqlens: torch.Tensor  # [segments + 1] int32 boundaries on the device: for a varlen kernel
-    max_length: int
-
-    @classmethod
-    def from_boundaries(cls, cu_seqlens, max_rows, device):
-        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        runs = segment_runs(cu_seqlens, max_rows)
-        return cls(runs, slices_of_runs(runs, max_rows), cu_seqlens.to(device, torch.int32), longest)
-
-
-def to_window_order(x, window_index):
-    """Reorder rows of x ([N, ...]) by whole 2x2 groups, following window_index ([M])."""
-    groups = x.view(window_index.shape[0], -1, *x.shape[1:])
-    return groups[window_index].flatten(0, 1)
-
-
-def inverse_permutation(index):
-    inverse = torch.empty_like(index)
-    inverse[index] = torch.arange(index.shape[0], device=index.device)
-    return inverse
-
-
-def plan_grids(config, grid_thw, device):
-    cos, sin = vision_rotary_tables(config, grid_thw, device)
-    max_rows = rows_per_slice(3 * config.hidden_size, torch.device(device))
-    plan = GridPlan(cos, sin, Segments.from_boundaries(frame_seqlens(grid_thw), max_rows, device))
-    if config.uses_window_attention:
-        window_index, cu_window_seqlens = get_window_index(
-            grid_thw, config.window_size, config.spatial_merge_size, config.patch_size
-        )
-        plan.window_index = window_index.to(device)
-        plan.inverse_index = inverse_permutation(plan.window_index)
-        plan.cos, plan.sin = to_window_order(cos, plan.window_index), to_window_order(sin, plan.window_index)
-        plan.windows = Segments.from_boundaries(cu_window_seqlens, max_rows, device)
-    return plan
-
-
-def chunks_of_frames(grid_thw, max_patches):
-    """Split items into chunks of at most `max_patches` patches, cutting only between frames
-    (attention never crosses a frame, so each chunk encodes exactly as it would in one pass).
-    -> [(first row, end row, grid_thw of the chunk)]"""
-    chunks, current, size, start = [], [], 0, 0
-    for t, h, w in grid_thw.tolist():
-        while t:
-            frames = min(t, max(1, (max_patches - size) // (h * w)))
-            if size and size + frames * h * w > max_patches:
-                chunks.append((start, start + size, torch.tensor(current)))
-                start, current, size = start + size, [], 0
-                continue
-            current.append([frames, h, w])
-            size, t = size + frames * h * w, t - frames
-    chunks.append((start, start + size, torch.tensor(current)))
-    return chunks
-
-
-def refuse_pickle_only_directory(directory):
-    """A clear error for a local checkpoint whose weights exist only as pickle files."""
-    if not os.path.isdir(directory):
-        return
-    names = os.listdir(directory)
-    pickles = sorted(n for n in names if n.startswith("pytorch_model") and n.endswith((".bin", ".bin.index.json")))
-    if pickles and not any(n.endswith(".safetensors") for n in names):
-        raise OSError(
-            f"{directory} holds only pickle weights ({', '.join(pickles)}); qwenvl loads safetensors only, because "
-            "unpickling can run arbitrary code. Convert the checkpoint to safetensors, or pass "
-            "use_safetensors=False to from_pretrained if you trust where the file came from."
-        )
-
-
-class QwenVLVisionModel(QwenVLPreTrainedModel):
-    """pixel_values [N, 3*2*14*14] + grid_thw [images, 3] -> merged tokens [M, out_hidden] in raster order.
-
-    Inputs larger than `config.max_patches_per_chunk` patches are encoded chunk by chunk (whole
-    frames), which bounds activation memory and gives the same result."""
-
-    config_class = QwenVLVisionConfig
-    main_input_name = "pixel_values"
-    _no_split_modules = ["VisionBlock"]
-    PLANS_KEPT = 8
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.patch_embed = PatchEmbed(config)
-        self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
-        self.merger = PatchMerger(config)
-        self.gradient_checkpointing = False
-        self._plans = {}  # grid shapes -> GridPlan, most recent last
-        self.post_init()
-
-    def forward(self, pixel_values, grid_thw):
-        grid_thw = check_grid_thw(grid_thw, pixel_values, self.config)
-        chunks = chunks_of_frames(grid_thw, self.config.max_patches_per_chunk or pixel_values.shape[0])
-        if len(chunks) == 1:
-            return self.encode(pixel_values, grid_thw)
-        return torch.cat([self.encode(pixel_values[start:end], grid) for start, end, grid in chunks])
-
-    def encode(self, pixel_values, grid_thw):
-        plan = self.grid_plan(grid_thw, pixel_values.device)
-        x = self.patch_embed(pixel_values)
-        if x.dtype == torch.float16:
-            x = x.float()  # the float16 guard: see `project`
-        if plan.window_index is not None:
-            x = to_window_order(x, plan.window_index)
-        for i, block in enumerate(self.blocks):
-            full = plan.windows is None or i in self.config.fullatt_block_indexes
-            segments = plan.frames if full else plan.windows
-            if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(block.__call__, x, segments, plan.cos, plan.sin)
-            else:
-                x = block(x, segments, plan.cos, plan.sin)
-        merged = self.merger(x)
-        return merged[plan.inverse_index] if plan.inverse_index is not None else merged
-
-    def grid_plan(self, grid_thw, device):
-        key = (tuple(map(tuple, grid_thw.tolist())), str(device))
-        plan = self._plans.pop(key, None) or plan_grids(self.config, grid_thw, device)
-        self._plans[key] = plan
-        while len(self._plans) > self.PLANS_KEPT:
-            self._plans.pop(next(iter(self._plans)))
-        return plan
 
 
 def check_grid_thw(grid_thw, pixel_values, config):
@@ -612,16 +576,70 @@ def check_grid_thw(grid_thw, pixel_values, config):
     return grid_thw
 
 
-# =======================================================================================
+class QwenVLVisionModel(QwenVLPreTrainedModel):
+    """pixel_values [N, 3*2*14*14] + grid_thw [images, 3] -> merged tokens [M, out_hidden] in raster order.
+
+    Inputs larger than `config.max_patches_per_chunk` patches are encoded chunk by chunk (whole
+    frames), which bounds activation memory and gives the same result."""
+
+    config_class = QwenVLVisionConfig
+    main_input_name = "pixel_values"
+    _no_split_modules = ["VisionBlock"]
+    PLANS_KEPT = 8
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.patch_embed = PatchEmbed(config)
+        self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
+        self.merger = PatchMerger(config)
+        self.gradient_checkpointing = False
+        self._plans = {}  # grid shapes -> GridPlan, most recent last
+        self.post_init()
+
+    def forward(self, pixel_values, grid_thw):
+        grid_thw = check_grid_thw(grid_thw, pixel_values, self.config)
+        chunks = chunks_of_frames(grid_thw, self.config.max_patches_per_chunk or pixel_values.shape[0])
+        if len(chunks) == 1:
+            return self.encode(pixel_values, grid_thw)
+        return torch.cat([self.encode(pixel_values[start:end], grid) for start, end, grid in chunks])
+
+    def encode(self, pixel_values, grid_thw):
+        plan = self.grid_plan(grid_thw, pixel_values.device)
+        x = self.patch_embed(pixel_values)
+        x = x.to(residual_dtype(x.dtype))
+        if plan.window_index is not None:
+            x = to_window_order(x, plan.window_index)
+        for i, block in enumerate(self.blocks):
+            full = plan.windows is None or i in self.config.fullatt_block_indexes
+            slices = plan.frames if full else plan.windows
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(block.__call__, x, slices, plan.cos, plan.sin)
+            else:
+                x = block(x, slices, plan.cos, plan.sin)
+        merged = self.merger(x)
+        return merged[plan.inverse_index] if plan.inverse_index is not None else merged
+
+    def grid_plan(self, grid_thw, device):
+        key = (tuple(map(tuple, grid_thw.tolist())), str(device))
+        plan = self._plans.pop(key, None) or plan_grids(self.config, grid_thw, device)
+        self._plans[key] = plan
+        while len(self._plans) > self.PLANS_KEPT:
+            self._plans.pop(next(iter(self._plans)))
+        return plan
+
+
+# ======================================================================================================================
 # Positions: where each token sits in (time, height, width)
-# =======================================================================================
+# ======================================================================================================================
 
 
 def get_rope_index(
     config, input_ids=None, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
     attention_mask=None, mm_token_type_ids=None,
 ):
-    """M-RoPE positions by the official rule (DESIGN.md 2.9). -> ([3, B, L], rope_deltas [B, 1])
+    """M-RoPE positions by the official rule. -> ([3, B, L], rope_deltas [B, 1])
+
+    docs/design.md, "M-RoPE positions: the official rule", has the rule and where the installed references differ.
 
     Text tokens get (p, p, p). A vision span starting at p gets (p + t', p + h, p + w) over its
     merged grid, t' being the frame index (Qwen2-VL, images) or
@@ -762,9 +780,9 @@ def text_positions(attention_mask, past_length, new_length, rope_deltas, device)
     return (positions.to(device) + rope_deltas.to(device)).unsqueeze(0).expand(3, -1, -1)
 
 
-# =======================================================================================
+# ======================================================================================================================
 # Language model: Qwen2 decoder with M-RoPE
-# =======================================================================================
+# ======================================================================================================================
 
 
 class MultimodalRotaryEmbedding(nn.Module):
@@ -775,14 +793,16 @@ class MultimodalRotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = config.head_dim
         self.theta = config.rope_theta
-        # a plain list, not a buffer: models are built on the meta device when loading
-        self.axis_of_frequency = [axis for axis, size in enumerate(config.mrope_section) for _ in range(size)]
+        self.mrope_section = list(config.mrope_section)  # a plain list, not a buffer: models are built on the meta device
 
     def forward(self, position_ids, dtype):  # position_ids: [3, B, L] -> 2 x [B, L, D]
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
-        axis = torch.tensor(self.axis_of_frequency, device=position_ids.device)
-        positions = position_ids.permute(1, 2, 0).float()[..., axis]
-        angles = positions * inv_freq.to(position_ids.device)
+        # Made on the positions' device: no host-to-device copy on a decoding step.
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=position_ids.device) / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        positions = position_ids.float()
+        angles = torch.cat(
+            [positions[axis][..., None] * part for axis, part in enumerate(inv_freq.split(self.mrope_section))], dim=-1
+        )
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -798,25 +818,28 @@ def causal_mask(attention_mask, past_length, new_length, implementation):
     Each query may always see itself, so rows of padding never become all-masked (that
     gives NaN, which then leaks through zero attention weights). An attention function that
     transformers has no mask function for (such as vLLM's, which masks by its own sequence
-    metadata) gets none, as in transformers' own models: that spares a [L, L] mask per step."""
+    metadata) gets none, as in transformers' own models: that spares a [L, L] mask per step.
+    Only a prompt without a cache asks whether the mask has padding (a host sync, once per prompt); a decoding
+    step builds its mask from the attention mask as it is."""
     if implementation == "flash_attention_2":
         return attention_mask
     if implementation not in ALL_MASK_ATTENTION_FUNCTIONS:  # the registry transformers' own masks are built from
         return None
-    all_valid = attention_mask is None or bool(attention_mask.all())
-    if all_valid and (new_length == 1 or (past_length == 0 and implementation == "sdpa")):
+    if attention_mask is None and (new_length == 1 or (past_length == 0 and implementation == "sdpa")):
         return None
+    if past_length == 0 and implementation == "sdpa" and bool(attention_mask.all()):
+        return None  # sdpa's own causal path
     device = attention_mask.device if attention_mask is not None else None
     keys = torch.arange(past_length + new_length, device=device)
     queries = torch.arange(past_length, past_length + new_length, device=device)
     mask = (keys[None, :] <= queries[:, None])[None, None]
-    if not all_valid:
+    if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, None, -keys.shape[0]:]
         mask = mask | (keys[None, :] == queries[:, None])[None, None]
     return mask
 
 
-def eager_attention(module, q, k, v, mask, scaling, dropout=0.0, **kwargs):
+def eager_attention_forward(module, q, k, v, mask, scaling, dropout=0.0, **kwargs):
     """Attention written out, for `attn_implementation="eager"`. q: [B, H, L, D], k/v: [B, Hkv, S, D]."""
     k = k.repeat_interleave(module.num_key_value_groups, dim=1)
     v = v.repeat_interleave(module.num_key_value_groups, dim=1)
@@ -830,7 +853,7 @@ def eager_attention(module, q, k, v, mask, scaling, dropout=0.0, **kwargs):
     return (weights @ v).transpose(1, 2), weights
 
 
-class Attention(nn.Module):
+class TextAttention(nn.Module):
     """Grouped-query attention with q/k/v bias; any transformers attention backend by name."""
 
     def __init__(self, config, layer_idx):
@@ -848,7 +871,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, **kwargs):  # x: [B, L, hidden]
         batch, length, _ = x.shape
-        # Three plain calls on x, and below a plain assignment from ALL_ATTENTION_FUNCTIONS with one call: vLLM's
+        # Three plain calls on x, and below the kernel looked up from ALL_ATTENTION_FUNCTIONS and called once: vLLM's
         # Transformers backend reads this source for exactly these shapes, to fuse q/k/v into one matmul and to
         # route attention to its own kernel.
         heads = (batch, length, -1, self.head_dim)
@@ -858,15 +881,19 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        attend = eager_attention
-        if self.config._attn_implementation != "eager":
+        # Looked up on every call, so that set_attn_implementation switches a loaded model (compat item 2).
+        if self.config._attn_implementation == "eager":
+            attend = eager_attention_forward
+        elif HAS_ATTENTION_GET_INTERFACE:
+            attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        else:
             attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         dropout = self.config.attention_dropout if self.training else 0.0
         out, _ = attend(self, q, k, v, mask, scaling=self.scaling, dropout=dropout, **kwargs)
         return self.o_proj(out.reshape(batch, length, -1))
 
 
-class MLP(nn.Module):
+class TextMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -878,11 +905,11 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
+class TextDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.self_attn = TextAttention(config, layer_idx)
+        self.mlp = TextMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -894,7 +921,7 @@ class DecoderLayer(nn.Module):
 class QwenVLTextModel(QwenVLPreTrainedModel):
     """The Qwen2 decoder: embeddings [B, L, hidden] + positions [3, B, L] -> hidden states."""
 
-    _no_split_modules = ["DecoderLayer"]
+    _no_split_modules = ["TextDecoderLayer"]
     # Parallel plans, keyed relative to this model. transformers 5 reads a model class's own `_tp_plan`/`_pp_plan`
     # and prefixes them into every model that holds this one (so the full model gets
     # `model.language_model.layers.*...`, as the built-in Qwen2.5-VL does); `config.base_model_tp_plan` would not
@@ -917,7 +944,7 @@ class QwenVLTextModel(QwenVLPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([TextDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = MultimodalRotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -940,9 +967,9 @@ class QwenVLTextModel(QwenVLPreTrainedModel):
         return self.norm(x)
 
 
-# =======================================================================================
-# The whole model
-# =======================================================================================
+# ======================================================================================================================
+# The whole model: vision tokens scattered into the text, the decoder, the vocabulary head, generation
+# ======================================================================================================================
 
 
 # transformers' own output classes name the cache field as the installed version expects.
@@ -954,6 +981,13 @@ class QwenVLModelOutput(BaseModelOutputWithPast):
 @dataclass
 class QwenVLCausalLMOutput(CausalLMOutputWithPast):
     rope_deltas: torch.Tensor | None = None
+
+
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+MODALITIES = (
+    ("image", "pixel_values", "image_grid_thw", None),
+    ("video", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),
+)
 
 
 class QwenVLModel(QwenVLPreTrainedModel):
@@ -1006,8 +1040,13 @@ class QwenVLModel(QwenVLPreTrainedModel):
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache and cache is None and not self.training:
+            cache = DynamicCache()
+        past_length = cache.get_seq_length() if cache is not None else 0
         if inputs_embeds is None:
-            check_input_ids(input_ids, self.config.vocab_size)
+            if past_length == 0 or input_ids.shape[-1] > 1:  # once per prompt: a decoding step's token is the model's
+                check_input_ids(input_ids, self.config.vocab_size)
             embedding = self.get_input_embeddings()
             if sparse_embedding_grad and type(embedding) is nn.Embedding:
                 inputs_embeds = F.embedding(input_ids, embedding.weight, embedding.padding_idx, sparse=True)
@@ -1018,10 +1057,6 @@ class QwenVLModel(QwenVLPreTrainedModel):
         if pixel_values_videos is not None:
             inputs_embeds = self.scatter_vision(input_ids, inputs_embeds, pixel_values_videos, video_grid_thw, "video")
 
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if use_cache and cache is None and not self.training:
-            cache = DynamicCache()
-        past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids, rope_deltas = self.positions(
                 input_ids, inputs_embeds, attention_mask, past_length, image_grid_thw, video_grid_thw,
@@ -1078,12 +1113,22 @@ def vision_output(features, return_dict):
 
 
 def check_input_ids(input_ids, vocab_size):
+    """Shape, dtype and range of token ids (the range test syncs with the device: call it once per prompt)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [batch, length] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
     if input_ids.dtype not in (torch.int64, torch.int32):  # what an embedding lookup takes
         raise TypeError(f"input_ids must hold integer token ids (int64 or int32), got {input_ids.dtype}")
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
+
+
+def token_loss(logits, targets, num_items_in_batch=None):
+    """Cross-entropy in float32; targets of -100 are ignored. With `num_items_in_batch` (gradient
+    accumulation in Trainer) the sum is divided by the whole batch's count of labelled tokens."""
+    logits, targets = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, targets, ignore_index=-100)
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
 
 
 class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
@@ -1105,11 +1150,19 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         return super().from_pretrained(*args, **kwargs)
 
     def save_pretrained(self, *args, **kwargs):
-        """Always writes the canonical layout (`model.language_model.*`, `model.visual.*`, `lm_head.*`)."""
+        """Always writes the canonical layout (`model.language_model.*`, `model.visual.*`, `lm_head.*`), every Auto
+        class in auto_map, and `use_cache: true`: training turns the cache off on the live config (gradient
+        checkpointing needs that), and a saved model that kept it would recompute the whole sequence for every new
+        token. The live model's settings are left as they were."""
         if SAVES_ORIGINAL_FORMAT:
             kwargs.setdefault("save_original_format", False)
-        self.config.auto_map = dict(AUTO_MAP)  # a saved directory loads with every Auto class
-        return super().save_pretrained(*args, **kwargs)
+        self.config.auto_map = dict(AUTO_MAP)
+        live = self.config.use_cache, self.generation_config.use_cache
+        self.config.use_cache = self.generation_config.use_cache = True
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            self.config.use_cache, self.generation_config.use_cache = live
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -1203,22 +1256,6 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         return input_ids, model_kwargs
 
 
-VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-MODALITIES = (
-    ("image", "pixel_values", "image_grid_thw", None),
-    ("video", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),
-)
-
-
-def token_loss(logits, targets, num_items_in_batch=None):
-    """Cross-entropy in float32; targets of -100 are ignored. With `num_items_in_batch` (gradient
-    accumulation in Trainer) the sum is divided by the whole batch's count of labelled tokens."""
-    logits, targets = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, targets, ignore_index=-100)
-    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
-
-
 def spans_per_sample(config, input_ids, token_id):
     """How many images (or videos) each sample holds: placeholder runs start after <|vision_start|>."""
     starts = (input_ids[:, 1:] == token_id) & (input_ids[:, :-1] == config.vision_start_token_id)
@@ -1276,6 +1313,43 @@ def expand_vision_inputs(config, input_ids, vision, expand_size):
         if seconds_name in vision:
             expanded[seconds_name] = torch.as_tensor(vision[seconds_name])[order]
     return expanded
+
+
+# ======================================================================================================================
+# Loading and saving
+# ======================================================================================================================
+
+
+# Official hub files (saved by transformers 4.49-4.51) put the language model at `model.*`
+# and the vision tower at `visual.*`; `from_pretrained(key_mapping=...)` works on 4.57 and 5.x.
+HUB_KEY_MAPPING = {
+    r"^visual\.": "model.visual.",
+    r"^model\.(?!visual\.|language_model\.)": "model.language_model.",
+}
+# vLLM's Transformers backend does not call from_pretrained: it renames checkpoint weights with the conversions 5.x
+# keeps per architecture name (compat item 3). Registering the same renaming under ours lets it serve the hub layout
+# too (and 5.x's from_pretrained then applies it beside key_mapping, which changes nothing: the renaming is
+# idempotent).
+if register_checkpoint_conversion_mapping is not None:
+    register_checkpoint_conversion_mapping(
+        "QwenVLForConditionalGeneration",
+        [WeightRenaming(source, target) for source, target in HUB_KEY_MAPPING.items()],
+        overwrite=True,  # this file may be imported twice: from a checkout and as a model directory's remote code
+    )
+
+
+def refuse_pickle_only_directory(directory):
+    """A clear error for a local checkpoint whose weights exist only as pickle files."""
+    if not os.path.isdir(directory):
+        return
+    names = os.listdir(directory)
+    pickles = sorted(n for n in names if n.startswith("pytorch_model") and n.endswith((".bin", ".bin.index.json")))
+    if pickles and not any(n.endswith(".safetensors") for n in names):
+        raise OSError(
+            f"{directory} holds only pickle weights ({', '.join(pickles)}); qwenvl loads safetensors only, because "
+            "unpickling can run arbitrary code. Convert the checkpoint to safetensors, or pass "
+            "use_safetensors=False to from_pretrained if you trust where the file came from."
+        )
 
 
 __all__ = [

@@ -1,5 +1,5 @@
 """The official config.json files of the seven Qwen2-VL / Qwen2.5-VL checkpoints, in the hub's
-shape (flat text fields, rope_scaling of type mrope), from the numbers in DESIGN.md section 4."""
+shape (flat text fields, rope_scaling of type mrope), from the numbers in docs/design.md ("Official configurations and checkpoint layouts")."""
 
 COMMON = dict(
     bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652, vision_end_token_id=151653,

@@ -1,4 +1,5 @@
-"""The official M-RoPE rule (DESIGN.md 2.9), written token by token as an independent oracle.
+"""The official M-RoPE rule (docs/design.md, "M-RoPE positions: the official rule"), written token by token as an
+independent oracle.
 
 Both installed references deviate for videos (4.57 truncates second_per_grid_ts to an integer,
 5.x continues text after a video at start + max(h, w), ignoring time), so parity tests pass

@@ -88,7 +88,7 @@ def model_dir(tmp_path_factory):
 
 # --- device_map="auto" ----------------------------------------------------------------------------------
 
-NO_SPLIT = {"DecoderLayer", "VisionBlock"}
+NO_SPLIT = {"TextDecoderLayer", "VisionBlock"}
 TOWERS = ("model.visual.blocks", "model.language_model.layers")
 BUDGETS = range(40, 100, 10)  # percent of the model's size that max_memory allows on the CPU; the rest goes to disk
 

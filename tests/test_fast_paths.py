@@ -185,8 +185,8 @@ def test_a_varlen_kernel_runs_once_per_layer_over_segments_of_any_length(pair, m
             visual.config._attn_implementation = "sdpa"
     assert len(calls) == visual.config.depth
     plan = visual.grid_plan(grid, "cpu")
-    assert len(plan.windows.runs) > 1  # windows of unequal length: sdpa needs several calls per layer
-    assert calls[0] == plan.windows.cu_seqlens.tolist()
+    assert len(plan.windows) == 1 and len(plan.windows[0].runs) > 1  # windows of unequal length: several sdpa calls
+    assert calls[0] == plan.windows[0].cu_seqlens.tolist()
     assert calls[visual.config.fullatt_block_indexes[0]] == [0, 28 * 20, 28 * 20 + 64, 28 * 20 + 128]
     assert (varlen - sdpa).abs().max() < 1e-5
 
@@ -204,22 +204,32 @@ def test_flash_attention_2_without_flash_attn_names_the_missing_package(pair, mo
 
 
 def test_slices_group_whole_runs_within_the_row_bound():
-    from modeling_qwenvl import slices_of_runs
+    from modeling_qwenvl import Run, slices_of_runs
 
-    runs = [(0, 2, 4), (8, 2, 4), (16, 1, 4), (20, 1, 6), (26, 2, 4)]
-    assert slices_of_runs(runs, max_rows=100) == [(0, 34, [(0, 2, 4), (8, 2, 4), (16, 1, 4), (20, 1, 6), (26, 2, 4)])]
-    assert slices_of_runs(runs, max_rows=16) == [(0, 16, [(0, 2, 4), (8, 2, 4)]), (16, 26, [(0, 1, 4), (4, 1, 6)]),
-                                                 (26, 34, [(0, 2, 4)])]
-    assert slices_of_runs([(0, 1, 40), (40, 1, 4)], max_rows=16) == [(0, 40, [(0, 1, 40)]), (40, 44, [(0, 1, 4)])]
+    def layout(slices):  # (start, end, runs) of each slice, and its segment boundaries
+        return [(s.start, s.end, s.runs) for s in slices], [(s.cu_seqlens.tolist(), s.max_length) for s in slices]
+
+    runs = [Run(*run) for run in [(0, 2, 4), (8, 2, 4), (16, 1, 4), (20, 1, 6), (26, 2, 4)]]
+    assert layout(slices_of_runs(runs, max_rows=100)) == (
+        [(0, 34, [(0, 2, 4), (8, 2, 4), (16, 1, 4), (20, 1, 6), (26, 2, 4)])],
+        [([0, 4, 8, 12, 16, 20, 26, 30, 34], 6)],
+    )
+    assert layout(slices_of_runs(runs, max_rows=16))[0] == [
+        (0, 16, [(0, 2, 4), (8, 2, 4)]), (16, 26, [(0, 1, 4), (4, 1, 6)]), (26, 34, [(0, 2, 4)])
+    ]
+    assert layout(slices_of_runs(runs, max_rows=16))[1][1] == ([0, 4, 10], 6)  # counted from the slice's start
+    assert layout(slices_of_runs([Run(0, 1, 40), Run(40, 1, 4)], max_rows=16))[0] == [
+        (0, 40, [(0, 1, 40)]), (40, 44, [(0, 1, 4)])
+    ]
 
 
 def test_sdpa_takes_torch_varlen_kernel_only_on_cuda_half_precision_and_fragmented_segments(pair):
     from types import SimpleNamespace
 
-    from modeling_qwenvl import Segments, varlen_kernel
+    from modeling_qwenvl import segment_slices, varlen_kernel
 
-    fragmented = Segments.from_boundaries(torch.tensor([0, 4, 8, 14]), 100, "cpu")
-    uniform = Segments.from_boundaries(torch.tensor([0, 4, 8, 12]), 100, "cpu")
+    (fragmented,) = segment_slices(torch.tensor([0, 4, 8, 14]), 100, "cpu")
+    (uniform,) = segment_slices(torch.tensor([0, 4, 8, 12]), 100, "cpu")
     cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
     assert varlen_kernel("sdpa", cuda_bf16, fragmented) is modeling_qwenvl.torch_varlen_attn
     assert varlen_kernel("sdpa", cuda_bf16, uniform) is None  # one batched SDPA call does as well

@@ -238,6 +238,9 @@ def test_example_script_fine_tunes_a_model_directory(processor, tmp_path):
     assert torch.equal(tuned.model.visual.blocks[0].attn.qkv.weight, original.model.visual.blocks[0].attn.qkv.weight)
     assert not torch.equal(tuned.model.visual.merger.mlp[0].weight, original.model.visual.merger.mlp[0].weight)
     assert QwenVLProcessor.from_pretrained(out).tokenizer("Hello world")["input_ids"] == [9707, 1879]
+    # trained with gradient checkpointing (which turns the live cache off), saved with the cache on
+    assert tuned.config.use_cache and json.loads((out / "config.json").read_text())["use_cache"] is True
+    assert tuned.generation_config.use_cache
 
 
 def test_example_script_help(capsys):

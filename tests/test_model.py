@@ -2,7 +2,7 @@
 
 Reference = the built-in model run on each sample alone, unpadded, with the official M-RoPE
 positions (tests/official_positions.py) passed in as position_ids: neither installed reference
-computes video positions by the official rule (DESIGN.md 2.9)."""
+computes video positions by the official rule (docs/design.md, "M-RoPE positions: the official rule")."""
 
 import json
 import os
@@ -91,7 +91,7 @@ def reference_greedy(family, reference, inputs, steps):
     return tokens
 
 
-# --- window index: the worked examples of DESIGN.md section 3 ------------------------------
+# --- window index: the worked examples of docs/design.md ------------------------------
 
 
 def test_window_index_small_worked_example():
