@@ -16,6 +16,7 @@ meaning the merger's output) is recognised by the presence of `embed_dim`.
 """
 
 import inspect
+import math
 
 from transformers import PretrainedConfig
 
@@ -86,6 +87,11 @@ class QwenVLVisionConfig(PretrainedConfig):
         self._validate()
 
     def _validate(self):
+        check_sizes(
+            "vision_config", self, "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+            "temporal_patch_size", "spatial_merge_size", "out_hidden_size",
+        )
+        check_positive_finite("vision_config", self, "rope_theta")
         if self.norm_type not in ("rmsnorm", "layernorm"):
             raise ValueError(f"vision_config.norm_type must be 'rmsnorm' or 'layernorm', got {self.norm_type!r}")
         if self.hidden_size % self.num_heads:
@@ -164,8 +170,10 @@ class QwenVLConfig(PretrainedConfig):
         self.video_token_id = video_token_id
         self.vision_start_token_id = vision_start_token_id
         self.vision_end_token_id = vision_end_token_id
-        for name, value in _official_text_fields(kwargs).items():  # the other config.json shapes
-            setattr(self, name, value)
+        self.mrope_section = list(self.mrope_section)
+        for name, value in _official_text_fields(kwargs).items():  # the other shapes fill the fields not given
+            if getattr(self, name) == TEXT_DEFAULTS[name]:
+                setattr(self, name, value)
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.mrope_section = list(self.mrope_section)
         if isinstance(vision_config, dict):
@@ -187,6 +195,11 @@ class QwenVLConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     def _validate(self):
+        check_sizes(
+            "config", self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings",
+        )
+        check_positive_finite("config", self, "rope_theta", "rms_norm_eps")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -229,7 +242,7 @@ def _official_text_fields(kwargs):
     if text_config is not None:
         text_config = text_config if isinstance(text_config, dict) else text_config.to_dict()
         for key, value in text_config.items():
-            if key in TEXT_FIELDS or key in ("rope_scaling", "rope_parameters", "use_sliding_window"):
+            if key in TEXT_DEFAULTS or key in ("rope_scaling", "rope_parameters", "use_sliding_window"):
                 fields[key] = value
             elif key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
                 kwargs.setdefault(key, value)
@@ -251,7 +264,27 @@ def _official_text_fields(kwargs):
     return fields
 
 
-# The language model's fields: the arguments of QwenVLConfig after vision_config.
-TEXT_FIELDS = tuple(inspect.signature(QwenVLConfig.__init__).parameters)[2:-1]
+def check_sizes(where, config, *names):
+    """Sizes and counts are positive integers: a zero or negative one builds a model without layers or fails deep
+    inside torch."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}.{name} must be a positive integer, got {value!r}")
+
+
+def check_positive_finite(where, config, *names):
+    """Rotary bases and norm epsilons: zero, negative or infinite values give NaN in the first layer."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{where}.{name} must be a positive finite number, got {value!r}")
+
+
+# The language model's fields and their defaults: the arguments of QwenVLConfig after vision_config.
+TEXT_DEFAULTS = {
+    name: list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
+    for name, parameter in list(inspect.signature(QwenVLConfig.__init__).parameters.items())[2:-1]
+}
 
 QwenVLConfig.register_for_auto_class()

@@ -10,7 +10,8 @@ The result loads anywhere, without this repo, with trust_remote_code=True:
     pipeline("image-text-to-text", model=dst, trust_remote_code=True)
 
 What DST receives:
-  config.json             the official config read through QwenVLConfig (model_type qwenvl), with auto_map
+  config.json             the official config read through QwenVLConfig (model_type qwenvl), with auto_map;
+                          the summary names its family (QwenVLConfig.family: qwen2_5_vl or qwen2_vl)
   *_qwenvl.py             the four code files
   tokenizer files         the source's if it has them, else this repo's (the same Qwen tokenizer);
                           tokenizer_config.json gets padding_side "left", which batched generate needs
@@ -41,9 +42,10 @@ import struct
 import torch
 from transformers import GenerationConfig
 
-from configuration_qwenvl import QwenVLConfig
+from configuration_qwenvl import AUTO_MAP, QwenVLConfig
 from image_processing_qwenvl import QwenVLImageProcessor
-from modeling_qwenvl import AUTO_MAP, HUB_KEY_MAPPING, QwenVLForConditionalGeneration
+from modeling_qwenvl import HUB_KEY_MAPPING, QwenVLForConditionalGeneration
+from processing_qwenvl import PROCESSOR_AUTO_MAP
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OFFICIAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -54,10 +56,6 @@ TOKENIZER_FILES = (
 CARRIED_FILES = ("LICENSE", "README.md")
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-PROCESSOR_AUTO_MAP = {
-    "AutoImageProcessor": "image_processing_qwenvl.QwenVLImageProcessor",
-    "AutoProcessor": "processing_qwenvl.QwenVLProcessor",
-}
 # The official preprocessor_config.json settings that our image processor takes over; the others name the
 # official classes.
 IMAGE_PROCESSOR_KEYS = (
@@ -300,7 +298,7 @@ def convert(src, dst, copy=False):
         written[name] = how
 
     config.to_json_file(os.path.join(dst, "config.json"))
-    written["config.json"] = "written (model_type qwenvl, auto_map)"
+    written["config.json"] = f"written (model_type qwenvl, family {config.family}, auto_map)"
     for name in CODE_FILES:
         copy_file(ROOT, name, "copied from qwenvl")
     for name in TOKENIZER_FILES:

@@ -6,7 +6,7 @@
   python demo.py --chat [--image PATH]             # a conversation on stdin (commands below)
   python demo.py --eval 100 --seed 777             # accuracy per task on fresh synthetic questions
   python demo.py --ground                          # grounding: an example answer drawn on examples/shape.png
-  python demo.py --ground ANSWER --image PATH --family 2.5   # a grounding answer of your own model, drawn
+  python demo.py --ground ANSWER --image PATH --model DIR    # a grounding answer of the model in DIR, drawn
 
 The model is small and trained only on synthetic scenes (shapes of five colours on white; a ball
 moving over 4 frames): it answers questions about colour, shape, position, count and motion.
@@ -18,7 +18,9 @@ and press Enter; /image PATH or /video PATH adds a picture or clip to your next 
 --ground runs no model (the embedded one is not trained to ground objects): it reads an answer of an official
 model, Qwen2.5-VL's JSON ({"bbox_2d": [x1, y1, x2, y2], "label": ...}, in pixels of the resized image) or
 Qwen2-VL's <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|> (in [0, 1000)),
-maps it to the picture's pixels and writes the picture with the boxes drawn to --out. For Qwen2.5-VL, give the
+maps it to the picture's pixels and writes the picture with the boxes drawn to --out. Which of the two the answer is
+comes from the family in --model's config.json (only that file is read): give the directory of the model that wrote
+ANSWER (official or converted); the default, the repo root, is a Qwen2.5-VL-family model. For Qwen2.5-VL, give the
 --max-pixels that the model's processor used, so that the resized size is the one the model saw.
 """
 
@@ -32,24 +34,25 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import synthetic_tasks as tasks  # noqa: E402
+from image_processing_qwenvl import DEFAULT_MAX_PIXELS  # noqa: E402
 
 EXAMPLES = os.path.join(ROOT, "examples", "questions.json")
 # What Qwen2.5-VL and Qwen2-VL answer to "Locate every shape" on examples/shape.png (168 x 168, which the official
-# processor keeps at 168 x 168): written by hand from the shapes' true positions, in each family's coordinates.
+# processor keeps at 168 x 168): written by hand from the shapes' true positions, in each family's coordinates. Keyed
+# by QwenVLConfig.family.
 GROUNDING_IMAGE = os.path.join(ROOT, "examples", "shape.png")
 GROUNDING_EXAMPLES = {
-    "2.5": """```json
+    "qwen2_5_vl": """```json
 [
   {"bbox_2d": [66, 11, 108, 53], "label": "red triangle"},
   {"bbox_2d": [9, 13, 41, 45], "label": "yellow square"},
   {"point_2d": [89, 137], "label": "blue circle"}
 ]
 ```""",
-    "2": "<|object_ref_start|>red triangle<|object_ref_end|><|box_start|>(393,65),(643,315)<|box_end|>, "
+    "qwen2_vl": "<|object_ref_start|>red triangle<|object_ref_end|><|box_start|>(393,65),(643,315)<|box_end|>, "
     "<|object_ref_start|>yellow square<|object_ref_end|><|box_start|>(54,77),(244,268)<|box_end|> and "
     "<|object_ref_start|>blue circle<|object_ref_end|><|box_start|>(405,690),(655,940)<|box_end|>",
 }
-OFFICIAL_MAX_PIXELS = 12845056  # the official preprocessor_config.json
 CHAT_HELP = "commands: /image PATH, /video PATH (added to your next message), /reset, /quit"
 
 
@@ -70,13 +73,8 @@ def ask(pipe, chats, max_new_tokens=8):
     return [out[0]["generated_text"].strip() if isinstance(out, list) else out["generated_text"].strip() for out in outputs]
 
 
-def media_item(kind, source):
-    # the model was trained on 168 x 168 pictures: larger inputs are scaled down to that many pixels
-    return {"type": kind, kind: source, "min_pixels": 28 * 28, "max_pixels": tasks.IMAGE_SIZE**2}
-
-
 def user_chat(kind, source, question):
-    return [{"role": "user", "content": [media_item(kind, source), {"type": "text", "text": question}]}]
+    return [{"role": "user", "content": [tasks.media_item(kind, source), {"type": "text", "text": question}]}]
 
 
 def run_examples(pipe):
@@ -103,8 +101,8 @@ def run_eval(pipe, per_task, seed):
 
 
 def make_streamer(tokenizer, out):
-    """A TextStreamer (imported here: --help and --ground need no transformers) that writes each finished piece of
-    the answer to `out` at once; the prompt is not repeated."""
+    """A TextStreamer that writes each finished piece of the answer to `out` at once; the prompt is not
+    repeated."""
     from transformers import TextStreamer
 
     class EchoStreamer(TextStreamer):
@@ -168,7 +166,7 @@ class ChatSession:
         elif not (os.path.exists(source) or source.startswith(("file://", "data:"))):
             self.say(f"no such file: {source}")
         else:
-            self.pending.append(media_item(kind, source))
+            self.pending.append(tasks.media_item(kind, source))
             self.say(f"({kind} added: it goes with your next message)")
 
     def ask(self, text):
@@ -202,14 +200,18 @@ def run_chat(pipe, first_media, max_new_tokens):
 # ---- grounding ---------------------------------------------------------------------------------------------------
 
 
-def run_ground(answer, image_path, family, max_pixels, out_path):
-    """Read a grounding answer, print the objects in the picture's pixels and save the picture with them drawn."""
+def run_ground(answer, image_path, config, max_pixels, out_path):
+    """Read a grounding answer of the model that `config` (a QwenVLConfig) describes, print the objects in the
+    picture's pixels and save the picture with them drawn."""
     from grounding_qwenvl import draw_boxes, ground
     from image_processing_qwenvl import load_image, smart_resize
 
     image = load_image(image_path)  # EXIF orientation applied, as the processor sees the picture
-    height, width = smart_resize(image.height, image.width, max_pixels=max_pixels)
-    objects = ground(answer, family, image.size, resized_size=(width, height))
+    vision = config.vision_config
+    factor = vision.patch_size * vision.spatial_merge_size
+    height, width = smart_resize(image.height, image.width, factor, max_pixels=max_pixels)
+    print(f"family {config.family} (from the model's config.json)")
+    objects = ground(answer, config.family, image.size, resized_size=(width, height))
     for item in objects:
         where = f"box {tuple(round(v) for v in item.box)}" if item.box else f"point {tuple(round(v) for v in item.point)}"
         print(f"{item.label or '(no label)'}: {where}")
@@ -221,13 +223,15 @@ def check_arguments(parser, args):
     media = args.image or args.video
     if args.ground is not None:
         if args.question or args.chat or args.eval or args.video:
-            parser.error("--ground runs no model: it takes only --image, --family, --max-pixels and --out")
+            parser.error("--ground runs no model: it takes only --image, --model, --max-pixels and --out")
         if args.ground is True and args.image:
             parser.error("--ground without ANSWER draws its example on examples/shape.png; give ANSWER with --image")
         if args.ground is not True and not args.image:
             parser.error("--ground ANSWER needs --image, the picture the answer is about")
         if args.max_pixels < 28 * 28:
             parser.error("--max-pixels must be at least 784 (one 28 x 28 block)")
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            parser.error(f"--model {args.model} has no config.json: give the directory of the model that wrote ANSWER")
         return
     if args.chat and (args.question or args.eval):
         parser.error("--chat reads its questions from stdin: drop --question and --eval")
@@ -249,15 +253,18 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer for --question and --chat")
     parser.add_argument("--eval", type=int, metavar="N", help="evaluate on N fresh questions per task")
     parser.add_argument("--seed", type=int, default=777, help="seed of the --eval questions (training never uses 777)")
-    parser.add_argument("--model", default=ROOT, help="a qwenvl model directory (default: the repo root)")
+    parser.add_argument(
+        "--model", default=ROOT,
+        help="a qwenvl model directory (default: the repo root); with --ground, the model that wrote ANSWER (its "
+        "config.json tells the family)",
+    )
     grounding = parser.add_argument_group("grounding (runs no model)")
     grounding.add_argument(
         "--ground", nargs="?", const=True, metavar="ANSWER",
         help="draw the objects of a grounding ANSWER on --image; alone, an example answer on examples/shape.png",
     )
-    grounding.add_argument("--family", choices=("2.5", "2"), default="2.5", help="the family that wrote ANSWER")
     grounding.add_argument(
-        "--max-pixels", type=int, default=OFFICIAL_MAX_PIXELS,
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
         help="max_pixels of the processor that fed the model (Qwen2.5-VL answers in pixels of the resized picture)",
     )
     grounding.add_argument("--out", default="grounded.png", help="where the drawn picture goes (PNG)")
@@ -265,10 +272,13 @@ def main(argv=None):
     check_arguments(parser, args)
 
     if args.ground is not None:
+        from configuration_qwenvl import QwenVLConfig
+
         example = args.ground is True
-        answer = GROUNDING_EXAMPLES[args.family] if example else args.ground
         try:
-            run_ground(answer, GROUNDING_IMAGE if example else args.image, args.family, args.max_pixels, args.out)
+            config = QwenVLConfig.from_pretrained(args.model)
+            answer = GROUNDING_EXAMPLES[config.family] if example else args.ground
+            run_ground(answer, GROUNDING_IMAGE if example else args.image, config, args.max_pixels, args.out)
         except (ValueError, OSError) as error:
             parser.exit(2, f"demo.py: error: {error}\n")
         return
@@ -277,7 +287,7 @@ def main(argv=None):
     if args.eval:
         run_eval(pipe, args.eval, args.seed)
     elif args.chat:
-        run_chat(pipe, [media_item(kind, source)] if source else [], args.max_new_tokens)
+        run_chat(pipe, [tasks.media_item(kind, source)] if source else [], args.max_new_tokens)
     elif source:
         stream_reply(pipe.model, pipe.processor, user_chat(kind, source, args.question), args.max_new_tokens)
     else:

@@ -20,10 +20,11 @@ a box without four numbers, an unclosed `<|box_start|>`) raises ValueError sayin
 never mistaken for "nothing found".
 
     from grounding_qwenvl import ground, draw_boxes
-    objects = ground(answer, "2.5", image.size, image_grid_thw=inputs["image_grid_thw"])
+    objects = ground(answer, model.config.family, image.size, image_grid_thw=inputs["image_grid_thw"])
     draw_boxes(image, objects).save("grounded.png")
 
-Sizes are (width, height), as PIL's `Image.size`.
+`family` is the config's: "qwen2_5_vl" (Qwen2.5-VL) or "qwen2_vl" (Qwen2-VL). Sizes are (width, height), as PIL's
+`Image.size`.
 """
 
 import json
@@ -35,9 +36,16 @@ from typing import Optional
 
 from PIL import Image, ImageDraw, ImageFont
 
-FAMILIES = ("2.5", "2")
+try:  # as part of a package, or from a checkout
+    from .image_processing_qwenvl import DEFAULT_PATCH_SIZE
+except ImportError:
+    from image_processing_qwenvl import DEFAULT_PATCH_SIZE
+
+# The values of `QwenVLConfig.family`: Qwen2.5-VL answers in JSON, Qwen2-VL in special tokens.
+QWEN25 = "qwen2_5_vl"
+QWEN2 = "qwen2_vl"
+FAMILIES = (QWEN25, QWEN2)
 QWEN2_SCALE = 1000  # Qwen2-VL's coordinates are in [0, 1000) of each side
-PATCH_SIZE = 14
 GROUNDING_KEYS = ("bbox_2d", "point_2d")
 GROUNDING_KEY = re.compile(r"\b(?:bbox_2d|point_2d)\b")
 JSON_START = re.compile(r"[\[{]")
@@ -107,15 +115,16 @@ def parse_qwen2(text):
 
 
 def parse_grounding(text, family):
-    """The objects in a model answer, in the model's coordinates; `family` is "2.5" or "2"."""
-    return parse_qwen25(text) if _check_family(family) == "2.5" else parse_qwen2(text)
+    """The objects in a model answer, in the model's coordinates; `family` is `model.config.family`."""
+    return parse_qwen25(text) if _check_family(family) == QWEN25 else parse_qwen2(text)
 
 
 # ---- mapping to the original image -------------------------------------------------------------------------------
 
 
-def resized_size_from_grid(image_grid_thw, patch_size=PATCH_SIZE):
-    """(width, height) of the image the model saw, from its `image_grid_thw` row (t, h, w) in patches."""
+def resized_size_from_grid(image_grid_thw, patch_size=DEFAULT_PATCH_SIZE):
+    """(width, height) of the image the model saw, from its `image_grid_thw` row (t, h, w) in patches of
+    `patch_size` pixels (the processor's `image_processor.patch_size`)."""
     grid = image_grid_thw.tolist() if hasattr(image_grid_thw, "tolist") else image_grid_thw
     if isinstance(grid, (list, tuple)) and len(grid) == 1 and isinstance(grid[0], (list, tuple)):
         grid = grid[0]  # a [1, 3] batch of one image
@@ -134,7 +143,7 @@ def to_original_pixels(objects, family, original_size, resized_size=None):
     Qwen2-VL's are in [0, 1000) of each side, so it is not used there.
     """
     width, height = _check_size(original_size, "original_size")
-    if _check_family(family) == "2.5":
+    if _check_family(family) == QWEN25:
         if resized_size is None:
             raise ValueError("Qwen2.5-VL coordinates are pixels of the resized image: pass resized_size or image_grid_thw")
         from_width, from_height = _check_size(resized_size, "resized_size")
@@ -158,16 +167,17 @@ def to_original_pixels(objects, family, original_size, resized_size=None):
     return mapped
 
 
-def ground(text, family, original_size, image_grid_thw=None, resized_size=None):
+def ground(text, family, original_size, image_grid_thw=None, resized_size=None, patch_size=DEFAULT_PATCH_SIZE):
     """Parse a model answer and map its objects to the original image's pixels.
 
-    For Qwen2.5-VL give the image's `image_grid_thw` row (from the processor's output) or `resized_size`
-    (width, height) of the image the model saw; not both.
+    `family` is `model.config.family`. For Qwen2.5-VL give the image's `image_grid_thw` row (from the processor's
+    output, with the processor's `image_processor.patch_size`) or `resized_size` (width, height) of the image the
+    model saw; not both.
     """
     if image_grid_thw is not None and resized_size is not None:
         raise ValueError("pass image_grid_thw or resized_size, not both")
     if image_grid_thw is not None:
-        resized_size = resized_size_from_grid(image_grid_thw)
+        resized_size = resized_size_from_grid(image_grid_thw, patch_size)
     return to_original_pixels(parse_grounding(text, family), family, original_size, resized_size)
 
 
@@ -270,7 +280,10 @@ def _check_text(text):
 
 def _check_family(family):
     if family not in FAMILIES:
-        raise ValueError(f"family must be '2.5' (Qwen2.5-VL) or '2' (Qwen2-VL), got {family!r}")
+        raise ValueError(
+            f"family must be '{QWEN25}' (Qwen2.5-VL) or '{QWEN2}' (Qwen2-VL), as model.config.family says; "
+            f"got {family!r}"
+        )
     return family
 
 

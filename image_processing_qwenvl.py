@@ -38,10 +38,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MIN_PIXELS = 3136  # 4 merged tokens of 28 x 28
 DEFAULT_MAX_PIXELS = 12845056  # 16384 merged tokens of 28 x 28
+DEFAULT_PATCH_SIZE = 14
+DEFAULT_MERGE_SIZE = 2
 
 # Limits that qwen-vl-utils applies; the names follow its constants.
 MAX_ASPECT_RATIO = 200
-IMAGE_FACTOR = 28  # patch_size * merge_size of every Qwen2-VL / Qwen2.5-VL checkpoint
+# The side multiple of qwen-vl-utils' helpers, which have no processor; a processor uses its own
+# patch_size * merge_size.
+IMAGE_FACTOR = DEFAULT_PATCH_SIZE * DEFAULT_MERGE_SIZE
 IMAGE_MIN_TOKENS = 4
 IMAGE_MAX_TOKENS = 16384
 VIDEO_MIN_PIXELS = 128 * IMAGE_FACTOR * IMAGE_FACTOR
@@ -78,6 +82,42 @@ def _check_positive_number(value, name):
     return value
 
 
+def _check_pixel_bounds(min_pixels, max_pixels, check=_check_positive_number) -> tuple:
+    """``(min_pixels, max_pixels)``: each None or positive (``check`` says: a number, or an integer where a processor
+    stores it), and min not above max."""
+    min_pixels = None if min_pixels is None else check(min_pixels, "min_pixels")
+    max_pixels = None if max_pixels is None else check(max_pixels, "max_pixels")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ValueError(f"min_pixels ({min_pixels}) must not be larger than max_pixels ({max_pixels})")
+    return min_pixels, max_pixels
+
+
+def check_fps(fps=None) -> float:
+    """Frames per second as a float: ``DEFAULT_FPS`` for None, else a positive finite number (ValueError if not).
+
+    The one check of ``fps``, for ``smart_nframes``, ``load_video`` and the processor alike.
+    """
+    if fps is None:
+        return DEFAULT_FPS
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 0 < fps < math.inf:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    return float(fps)
+
+
+def _check_frame_rate(fps, nframes) -> tuple[Optional[float], Optional[int]]:
+    """``(fps, nframes)`` of a request for frames: ``nframes`` alone, or ``fps`` (default ``DEFAULT_FPS``)."""
+    if fps is not None and nframes is not None:
+        raise ValueError(f"give either fps ({fps}) or nframes ({nframes}), not both")
+    if nframes is not None:
+        return None, _check_positive_int(nframes, "nframes")
+    return check_fps(fps), None
+
+
+def _check_resized_size(resized_height, resized_width) -> None:
+    if (resized_height is None) != (resized_width is None):
+        raise ValueError("give both resized_height and resized_width, or neither")
+
+
 def smart_resize(
     height: int,
     width: int,
@@ -105,10 +145,7 @@ def smart_resize(
         min_pixels = IMAGE_MIN_TOKENS * factor**2
     if max_pixels is None:
         max_pixels = IMAGE_MAX_TOKENS * factor**2
-    _check_positive_number(min_pixels, "min_pixels")
-    _check_positive_number(max_pixels, "max_pixels")
-    if min_pixels > max_pixels:
-        raise ValueError(f"min_pixels ({min_pixels}) must not be larger than max_pixels ({max_pixels})")
+    _check_pixel_bounds(min_pixels, max_pixels)
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_ASPECT_RATIO:
         raise ValueError(
@@ -326,14 +363,10 @@ def smart_nframes(
     the count is ``duration * fps`` clamped to [min_frames, max_frames] (themselves made even) and to the clip,
     then floored to an even number. The result must lie in [2, total_frames].
     """
-    if fps is not None and nframes is not None:
-        raise ValueError(f"give either fps ({fps}) or nframes ({nframes}), not both")
+    fps, nframes = _check_frame_rate(fps, nframes)
     if nframes is not None:
-        count = round(_check_positive_int(nframes, "nframes") / FRAME_FACTOR) * FRAME_FACTOR
+        count = round(nframes / FRAME_FACTOR) * FRAME_FACTOR
     else:
-        fps = DEFAULT_FPS if fps is None else fps
-        if not fps > 0:
-            raise ValueError(f"fps must be positive, got {fps}")
         low = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
         high = math.floor(max_frames / FRAME_FACTOR) * FRAME_FACTOR
         count = min(max(total_frames / video_fps * fps, low), high, total_frames)
@@ -444,17 +477,12 @@ def _video_source_path(video: str) -> str:
     return path
 
 
-def _frame_list(video) -> list:
-    """The frames of a frame-list video: a list/tuple of images or a 4-D array / tensor."""
-    if _is_array(video):
-        if video.ndim != 4:
-            raise ValueError(f"a video array must be 4-D (T, H, W, C) or (T, C, H, W), got shape {tuple(video.shape)}")
-        return list(video)
-    if isinstance(video, (list, tuple)):
-        return list(video)
-    raise TypeError(
-        f"unsupported video type {type(video).__name__}: pass a path, a list of frames or a 4-D array / tensor"
-    )
+def _frame_size(frames: list[PIL.Image.Image]) -> tuple[int, int]:
+    """(height, width) of a video's frames, which must all have the same size."""
+    sizes = {(frame.height, frame.width) for frame in frames}
+    if len(sizes) > 1:
+        raise ValueError(f"all frames of a video must have the same size, got {sorted(sizes)}")
+    return sizes.pop()
 
 
 def _resize_frames(frames: list[PIL.Image.Image], height: int, width: int) -> np.ndarray:
@@ -493,13 +521,9 @@ def load_video(
     resize is PIL bicubic; qwen-vl-utils uses torchvision's antialiased bicubic on tensors, whose pixel values can
     differ by a few levels.
     """
-    if (resized_height is None) != (resized_width is None):
-        raise ValueError("give both resized_height and resized_width, or neither")
-    if fps is not None and nframes is not None:  # checked here too so that it fails before any decoding
-        raise ValueError(f"give either fps ({fps}) or nframes ({nframes}), not both")
-    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-        if value is not None:
-            _check_positive_number(value, name)
+    _check_resized_size(resized_height, resized_width)
+    fps, nframes = _check_frame_rate(fps, nframes)  # checked here too so that it fails before any decoding
+    _check_pixel_bounds(min_pixels, max_pixels)
 
     if isinstance(video, (str, os.PathLike)):
         arrays, sampled_fps = _decode_frames(
@@ -510,21 +534,14 @@ def load_video(
     else:
         if nframes is not None or video_start is not None or video_end is not None:
             raise ValueError("nframes, video_start and video_end apply to video files; a frame list is used whole")
-        frames = [load_image(frame) for frame in _frame_list(video)]
-        if not frames:
-            raise ValueError("the video is empty: the frame list has no frames")
-        if fps is not None and not fps > 0:
-            raise ValueError(f"fps must be positive, got {fps}")
-        sampled_fps = DEFAULT_FPS if fps is None else float(fps)
+        frames = [load_image(frame) for frame in _frames_of(video)]
+        sampled_fps = fps
         frames += frames[-1:] * (-len(frames) % FRAME_FACTOR)
         # qwen-vl-utils (0.0.14) first resizes each frame as an image, then the stack as a video. Its first pass
         # rounds to multiples of 56, not 28 (it hands the factor 28 to fetch_image as the patch size, which
         # fetch_image doubles), with image pixel bounds. The size is computed the same way here, to match it;
         # the pixels are resized once, from the original frames.
-        sizes = {(frame.height, frame.width) for frame in frames}
-        if len(sizes) > 1:
-            raise ValueError(f"all frames of a video must have the same size, got {sorted(sizes)}")
-        height, width = sizes.pop()
+        height, width = _frame_size(frames)
         if resized_height is None:
             height, width = smart_resize(height, width, 2 * IMAGE_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
 
@@ -593,55 +610,69 @@ def _patchify(frames: np.ndarray, table: np.ndarray, patch_size, merge_size, tem
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _is_single_image(value) -> bool:
-    return isinstance(value, (PIL.Image.Image, str, os.PathLike, bytes, bytearray)) or (
-        _is_array(value) and value.ndim in (2, 3)
-    )
+def image_list(images) -> list:
+    """One image, a 4-D batch array / tensor [N, ...] or a (nested) list of them -> flat list of images, in order.
 
-
-def _image_list(images) -> list:
-    """One image, a batch array [N, ...], or a (nested) list of images -> flat list of images."""
-    if _is_single_image(images):
-        return [images]
-    if _is_array(images):
-        if images.ndim != 4:
-            raise ValueError(f"an image batch array must be 4-D, got shape {tuple(images.shape)}")
-        return list(images)
+    The one reading of an ``images`` argument, for the image processor and the processor alike (which gives a list
+    per sample). An empty list gives []; each image is checked when ``load_image`` reads it.
+    """
     if isinstance(images, (list, tuple)):
-        flat = [
-            image for item in images for image in (_image_list(item) if isinstance(item, (list, tuple)) else [item])
-        ]
-        if not flat:
-            raise ValueError("images is an empty list")
-        return flat
-    raise TypeError(
-        f"unsupported image type {type(images).__name__}: pass a PIL image, numpy array, torch tensor, path, URL, "
-        "data URI or bytes, or a list of them"
-    )
+        return [image for item in images for image in image_list(item)]
+    if _is_array(images) and images.ndim == 4:
+        return list(images)
+    return [images]
 
 
-def _video_list(videos) -> list:
-    """One video (a frame list or 4-D array) or a list of videos -> list of videos."""
-    if _is_array(videos):
-        if videos.ndim == 4:
-            return [videos]
-        if videos.ndim == 5:
-            return list(videos)
-        raise ValueError(f"a video array must be 4-D (one video) or 5-D (a batch), got shape {tuple(videos.shape)}")
+def _frames_of(video) -> list:
+    """The frames of one video given as frames (a list of images or a 4-D array / tensor), as a non-empty list."""
+    if _is_array(video) and video.ndim != 4:
+        raise ValueError(f"a video array must be 4-D (T, H, W, C) or (T, C, H, W), got shape {tuple(video.shape)}")
+    if not (_is_array(video) or isinstance(video, (list, tuple))):
+        raise TypeError(
+            f"unsupported video type {type(video).__name__}: pass a path, a list of frames or a 4-D array / tensor"
+        )
+    if len(video) == 0:
+        raise ValueError("the video is empty: it has no frames")
+    return list(video)
+
+
+def video_list(videos, paths: bool = False) -> list:
+    """One video or several (a list, or a 5-D batch array / tensor) -> list of videos, each a non-empty list of frames.
+
+    A video is a list of frames (anything ``load_image`` takes) or a 4-D array / tensor (T, H, W, C) or
+    (T, C, H, W). With ``paths``, a path or URL is a video too, and stays a path (``load_video`` reads it);
+    without, a path is refused, and a list of paths is one video of picture files. An empty list gives [].
+    The one reading of a ``videos`` argument, for the image processor and the processor alike.
+    """
     if isinstance(videos, (str, os.PathLike)):
+        if paths:
+            return [videos]
         raise TypeError("videos takes decoded frames; read a video file with load_video() first")
+    if _is_array(videos):
+        if videos.ndim == 5:
+            return [_frames_of(video) for video in videos]
+        if videos.ndim != 4:
+            raise ValueError(f"a video array must be 4-D (one video) or 5-D (a batch), got shape {tuple(videos.shape)}")
+        return [_frames_of(videos)]
     if not isinstance(videos, (list, tuple)):
-        raise TypeError(f"unsupported video type {type(videos).__name__}: pass a list of frames or a 4-D array")
-    if not videos:
-        raise ValueError("the video is empty: no frames or videos were given")
-    if all(_is_single_image(item) for item in videos):
-        return [videos]  # a list of frames is one video
-    if all(isinstance(item, (list, tuple)) or (_is_array(item) and item.ndim == 4) for item in videos):
-        for video in videos:
-            if len(video) == 0:
-                raise ValueError("the video is empty: it has no frames")
-        return list(videos)
-    raise TypeError("videos must be a list of frames (one video) or a list of videos, not a mix of both")
+        raise TypeError(
+            f"videos must be a video or a list of videos, where a video is {'a path or URL, ' if paths else ''}"
+            f"a list of frames or a 4-D array / tensor of frames; got {type(videos).__name__}"
+        )
+
+    def is_video(item):  # else a frame
+        return (
+            isinstance(item, (list, tuple))
+            or (_is_array(item) and item.ndim == 4)
+            or (paths and isinstance(item, (str, os.PathLike)))
+        )
+
+    kinds = {is_video(item) for item in videos}
+    if kinds == {False}:
+        return [_frames_of(videos)]  # a list of frames is one video
+    if len(kinds) > 1:
+        raise TypeError("videos must be a list of frames (one video) or a list of videos, not a mix of both")
+    return [video if isinstance(video, (str, os.PathLike)) else _frames_of(video) for video in videos]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -729,12 +760,11 @@ def _checked_options(options: dict) -> dict:
     options["image_std"] = _check_channel_values(options["image_std"], "image_std")
     if 0.0 in options["image_std"]:
         raise ValueError(f"image_std must not contain 0, got {options['image_std']}")
-    for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size"):
+    options["min_pixels"], options["max_pixels"] = _check_pixel_bounds(
+        options["min_pixels"], options["max_pixels"], _check_positive_int
+    )
+    for name in ("patch_size", "temporal_patch_size", "merge_size"):
         options[name] = _check_positive_int(options[name], name)
-    if options["min_pixels"] > options["max_pixels"]:
-        raise ValueError(
-            f"min_pixels ({options['min_pixels']}) must not be larger than max_pixels ({options['max_pixels']})"
-        )
     return options
 
 
@@ -776,9 +806,9 @@ class QwenVLImageProcessor(BaseImageProcessor):
         min_pixels: Optional[int] = None,
         max_pixels: Optional[int] = None,
         size: Optional[dict] = None,
-        patch_size: int = 14,
+        patch_size: int = DEFAULT_PATCH_SIZE,
         temporal_patch_size: int = 2,
-        merge_size: int = 2,
+        merge_size: int = DEFAULT_MERGE_SIZE,
         **kwargs,
     ):
         unknown = set(kwargs) - _IGNORED_CONFIG_KEYS
@@ -824,29 +854,9 @@ class QwenVLImageProcessor(BaseImageProcessor):
 
     # -- calls --------------------------------------------------------------------------------------------------
 
-    def __call__(
-        self,
-        images=None,
-        videos=None,
-        *,
-        min_pixels: Optional[int] = None,
-        max_pixels: Optional[int] = None,
-        resized_height: Optional[int] = None,
-        resized_width: Optional[int] = None,
-        return_tensors=None,
-        **kwargs,
-    ) -> BatchFeature:
+    def __call__(self, images=None, videos=None, **kwargs) -> BatchFeature:
         """Same as ``preprocess``."""
-        return self.preprocess(
-            images,
-            videos,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            resized_height=resized_height,
-            resized_width=resized_width,
-            return_tensors=return_tensors,
-            **kwargs,
-        )
+        return self.preprocess(images, videos, **kwargs)
 
     def preprocess(
         self,
@@ -888,10 +898,16 @@ class QwenVLImageProcessor(BaseImageProcessor):
         )
         data = {}
         if images is not None:
-            clips = [[load_image(image)] for image in _image_list(images)]
+            images = image_list(images)
+            if not images:
+                raise ValueError("images is an empty list")
+            clips = [[load_image(image)] for image in images]
             data["pixel_values"], data["image_grid_thw"] = self._encode(clips, options, target, table)
         if videos is not None:
-            clips = [[load_image(frame) for frame in _frame_list(video)] for video in _video_list(videos)]
+            videos = video_list(videos)
+            if not videos:
+                raise ValueError("the video is empty: no frames or videos were given")
+            clips = [[load_image(frame) for frame in frames] for frames in videos]
             data["pixel_values_videos"], data["video_grid_thw"] = self._encode(clips, options, target, table)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
@@ -925,8 +941,7 @@ class QwenVLImageProcessor(BaseImageProcessor):
     @staticmethod
     def _target_size(options: dict, resized_height, resized_width):
         """Fixed (height, width) for every item when resized_* are given, else None (each item's smart_resize)."""
-        if (resized_height is None) != (resized_width is None):
-            raise ValueError("give both resized_height and resized_width, or neither")
+        _check_resized_size(resized_height, resized_width)
         if resized_height is None:
             return None
         return smart_resize(resized_height, resized_width, options["patch_size"] * options["merge_size"])
@@ -936,10 +951,7 @@ class QwenVLImageProcessor(BaseImageProcessor):
         """RGB frames of one image or video -> uint8 [T, H, W, 3], resized, T padded to whole temporal patches."""
         factor = options["patch_size"] * options["merge_size"]
         tp = options["temporal_patch_size"]
-        sizes = {(frame.height, frame.width) for frame in frames}
-        if len(sizes) > 1:
-            raise ValueError(f"all frames of a video must have the same size, got {sorted(sizes)}")
-        height, width = sizes.pop()
+        height, width = _frame_size(frames)
         if options["do_resize"]:
             height, width = target or smart_resize(height, width, factor, options["min_pixels"], options["max_pixels"])
             frames = [frame.resize((width, height), options["resample"]) for frame in frames]

@@ -12,14 +12,18 @@ M = N / 4 merged tokens, B = batch, L = sequence length, H = heads, D = head siz
 """
 
 import inspect
+import json
 import math
 import os
+import re
 import sys
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -103,15 +107,29 @@ class QwenVLPreTrainedModel(PreTrainedModel):
     _supports_cache_class = True
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Weights load from safetensors only: a pickle checkpoint (`pytorch_model.bin`) can run arbitrary code
-        while it loads, so it is refused unless the caller passes `use_safetensors=False`."""
+    def from_pretrained(cls, *args, strict=True, **kwargs):
+        """Loads a checkpoint that matches its config, or refuses it ("Loading and saving" at the end of the file).
+
+        Weights load from safetensors only: a pickle checkpoint (`pytorch_model.bin`) can run arbitrary code while it
+        loads, so it is refused unless the caller passes `use_safetensors=False`. With `strict` (the default) a local
+        checkpoint whose layer counts differ from its config is refused before any weight is allocated, and weights
+        that are missing (they would be random) or unexpected (they would be dropped) are an error;
+        `strict=False` loads such a checkpoint with transformers' warnings instead."""
         if kwargs.get("use_safetensors") is None:
             kwargs["use_safetensors"] = True
+        directory = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        directory = os.path.normpath(os.path.join(str(directory), kwargs.get("subfolder") or ""))
         if kwargs["use_safetensors"]:
-            directory = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            refuse_pickle_only_directory(os.path.normpath(os.path.join(str(directory), kwargs.get("subfolder") or "")))
-        return super().from_pretrained(*args, **kwargs)
+            refuse_pickle_only_directory(directory)
+        if not strict:
+            return super().from_pretrained(*args, **kwargs)
+        if cls.config_class is QwenVLConfig and os.path.isdir(directory):
+            config = kwargs.get("config")
+            check_layer_counts(directory, config if isinstance(config, QwenVLConfig) else QwenVLConfig.from_pretrained(directory))
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        refuse_missing_or_unexpected(directory, info)
+        return (model, info) if wants_info else model
 
     def _init_weights(self, module):
         std = getattr(self.config, "initializer_range", 0.02)
@@ -576,6 +594,10 @@ def check_grid_thw(grid_thw, pixel_values, config):
     return grid_thw
 
 
+# One lock for every tower's plan cache: module-level, so that a model still deep-copies and pickles.
+PLAN_CACHE_LOCK = threading.Lock()
+
+
 class QwenVLVisionModel(QwenVLPreTrainedModel):
     """pixel_values [N, 3*2*14*14] + grid_thw [images, 3] -> merged tokens [M, out_hidden] in raster order.
 
@@ -620,11 +642,16 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
         return merged[plan.inverse_index] if plan.inverse_index is not None else merged
 
     def grid_plan(self, grid_thw, device):
+        """The GridPlan of these grids, from the cache of recent ones. A server calls the model from several
+        threads, so the cache changes under a lock (a plan itself is never changed once made)."""
         key = (tuple(map(tuple, grid_thw.tolist())), str(device))
-        plan = self._plans.pop(key, None) or plan_grids(self.config, grid_thw, device)
-        self._plans[key] = plan
-        while len(self._plans) > self.PLANS_KEPT:
-            self._plans.pop(next(iter(self._plans)))
+        with PLAN_CACHE_LOCK:
+            plan = self._plans.pop(key, None)
+        plan = plan or plan_grids(self.config, grid_thw, device)
+        with PLAN_CACHE_LOCK:
+            self._plans[key] = plan
+            while len(self._plans) > self.PLANS_KEPT:
+                self._plans.pop(next(iter(self._plans)))
         return plan
 
 
@@ -753,6 +780,11 @@ class VisionSpans:
             )
 
 
+# float32 holds every integer up to 2**24 exactly; the rotary angles of larger positions (and a float time cast to a
+# long beyond int64) would be silently wrong.
+MAX_EXACT_POSITION = 2**24
+
+
 def vision_positions(config, grid, second_per_grid_t):
     """Positions of one image or video relative to its start. -> [3, t*h*w/4]"""
     merge = config.vision_config.spatial_merge_size
@@ -761,6 +793,11 @@ def vision_positions(config, grid, second_per_grid_t):
     tokens_per_second = config.vision_config.tokens_per_second
     if second_per_grid_t is not None and tokens_per_second is not None:
         time = torch.arange(t, dtype=torch.float32) * torch.tensor(second_per_grid_t, dtype=torch.float32)
+        if float(time[-1]) * tokens_per_second >= MAX_EXACT_POSITION:
+            raise ValueError(
+                f"second_per_grid_ts {second_per_grid_t:.3g} puts this video's time positions past 2**24, where "
+                "float32 rotary angles stop being exact (was the video sampled at a tiny fps?)"
+            )
         frame = (time * tokens_per_second).long()
     return torch.stack(
         [
@@ -812,8 +849,43 @@ def apply_rotary(q, k, cos, sin):  # q, k: [B, H, L, D]; cos, sin: [B, L, D]
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+# A padded prompt's dense mask has B * L * L entries, and attention under a mask takes the slow path; above this many
+# each sample attends alone over its own tokens instead (PaddedPrompt), so that a long prompt batched with a short one
+# costs what the two cost apart. Below it, one masked call for the whole batch is faster.
+DENSE_MASK_ELEMENTS = 1 << 24
+
+
+class PaddedPrompt(NamedTuple):
+    """A padded prompt whose samples each hold their tokens in one span (left or right padding), in place of a mask:
+    attention runs sample by sample over its span, with the kernel's own causal path."""
+
+    spans: list  # [(start, end)] per sample
+
+    def attend_each(self, attend, module, q, k, v, **options):  # q, k, v: [B, H, L, D] -> [B, L, H, D]
+        out = q.new_zeros(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])  # padding rows stay zero
+        for b, (start, end) in enumerate(self.spans):
+            if end > start:
+                rows = slice(start, end)
+                one = (slice(b, b + 1), slice(None), rows)
+                out[b : b + 1, rows] = attend(module, q[one], k[one], v[one], None, **options)[0]
+        return out
+
+
+def token_spans(attention_mask):
+    """[(start, end)] of each row's tokens, or None where some row's tokens are not one span (a host sync: prompts
+    only)."""
+    valid = attention_mask.bool()
+    starts = valid.int().argmax(-1)
+    ends = starts + valid.sum(-1)
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    if not torch.equal((positions >= starts[:, None]) & (positions < ends[:, None]), valid):
+        return None
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
 def causal_mask(attention_mask, past_length, new_length, implementation):
-    """Boolean mask [B, 1, new, past+new] (True = attend), or None where none is needed.
+    """Boolean mask [B, 1, new, past+new] (True = attend), None where none is needed, or a long padded prompt's
+    PaddedPrompt.
 
     Each query may always see itself, so rows of padding never become all-masked (that
     gives NaN, which then leaks through zero attention weights). An attention function that
@@ -829,6 +901,9 @@ def causal_mask(attention_mask, past_length, new_length, implementation):
         return None
     if past_length == 0 and implementation == "sdpa" and bool(attention_mask.all()):
         return None  # sdpa's own causal path
+    if attention_mask is not None and past_length == 0 and new_length > 1 and implementation in ("sdpa", "eager"):
+        if attention_mask.shape[0] * new_length**2 > DENSE_MASK_ELEMENTS and (spans := token_spans(attention_mask)):
+            return PaddedPrompt(spans)
     device = attention_mask.device if attention_mask is not None else None
     keys = torch.arange(past_length + new_length, device=device)
     queries = torch.arange(past_length, past_length + new_length, device=device)
@@ -889,7 +964,10 @@ class TextAttention(nn.Module):
         else:
             attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         dropout = self.config.attention_dropout if self.training else 0.0
-        out, _ = attend(self, q, k, v, mask, scaling=self.scaling, dropout=dropout, **kwargs)
+        if isinstance(mask, PaddedPrompt):
+            out = mask.attend_each(attend, self, q, k, v, scaling=self.scaling, dropout=dropout)
+        else:
+            out, _ = attend(self, q, k, v, mask, scaling=self.scaling, dropout=dropout, **kwargs)
         return self.o_proj(out.reshape(batch, length, -1))
 
 
@@ -992,6 +1070,8 @@ MODALITIES = (
 
 class QwenVLModel(QwenVLPreTrainedModel):
     """Vision tower + language model: input ids and pixels -> final hidden states."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # loading the body of a checkpoint that has a head
 
     def __init__(self, config):
         super().__init__(config)
@@ -1116,6 +1196,8 @@ def check_input_ids(input_ids, vocab_size):
     """Shape, dtype and range of token ids (the range test syncs with the device: call it once per prompt)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [batch, length] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token per sample")
     if input_ids.dtype not in (torch.int64, torch.int32):  # what an embedding lookup takes
         raise TypeError(f"input_ids must hold integer token ids (int64 or int32), got {input_ids.dtype}")
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
@@ -1326,6 +1408,11 @@ HUB_KEY_MAPPING = {
     r"^visual\.": "model.visual.",
     r"^model\.(?!visual\.|language_model\.)": "model.language_model.",
 }
+# Where the layers of either layout are numbered: (config field, what it counts, tensor-name pattern).
+LAYER_PATTERNS = (
+    ("num_hidden_layers", "decoder layers", re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")),
+    ("vision_config.depth", "vision blocks", re.compile(r"^(?:model\.)?visual\.blocks\.(\d+)\.")),
+)
 # vLLM's Transformers backend does not call from_pretrained: it renames checkpoint weights with the conversions 5.x
 # keeps per architecture name (compat item 3). Registering the same renaming under ours lets it serve the hub layout
 # too (and 5.x's from_pretrained then applies it beside key_mapping, which changes nothing: the renaming is
@@ -1336,6 +1423,45 @@ if register_checkpoint_conversion_mapping is not None:
         [WeightRenaming(source, target) for source, target in HUB_KEY_MAPPING.items()],
         overwrite=True,  # this file may be imported twice: from a checkout and as a model directory's remote code
     )
+
+
+def checkpoint_tensor_names(directory):
+    """The tensor names of a local safetensors checkpoint, read from its index or file headers (no weights)."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as file:
+            return list(json.load(file).get("weight_map", {}))
+    single = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(single):
+        return []
+    with safe_open(single, framework="pt") as file:
+        return list(file.keys())
+
+
+def check_layer_counts(directory, config):
+    """Refuse a config whose decoder or vision depth differs from the checkpoint's, before the model is built: the
+    extra layers would be random, missing ones silently dropped, and a huge count allocates for minutes first."""
+    names = checkpoint_tensor_names(directory)
+    for field, what, pattern in LAYER_PATTERNS:
+        layers = {int(match.group(1)) for name in names if (match := pattern.match(name))}
+        expected = config.vision_config.depth if field.startswith("vision") else config.num_hidden_layers
+        if layers and len(layers) != expected:
+            raise ValueError(
+                f"{directory}: config.json says {field}={expected} but the checkpoint holds {len(layers)} {what}; "
+                "fix the config (or pass strict=False to load it anyway)"
+            )
+
+
+def refuse_missing_or_unexpected(directory, info):
+    """Missing weights would be random and unexpected ones ignored: both mean the checkpoint is not this model."""
+    for kind in ("missing_keys", "unexpected_keys"):
+        keys = sorted(info.get(kind) or [])
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            raise ValueError(
+                f"{directory}: {len(keys)} {kind.replace('_keys', '')} weight(s): {shown}. The checkpoint does not "
+                "match its config; pass strict=False to load it anyway"
+            )
 
 
 def refuse_pickle_only_directory(directory):

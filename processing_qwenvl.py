@@ -9,24 +9,25 @@ Images and videos both go through the image processor: there is deliberately no 
 transformers 5.x validates that part against a registry that exists only when torchvision is installed.
 """
 
-import numbers
 import os
 import re
 
 import jinja2.meta
-import numpy as np
 import torch
 import transformers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from PIL import Image
 from transformers import Qwen2TokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 try:  # as remote code, the files form a package; from a checkout, they are plain modules
-    from .image_processing_qwenvl import QwenVLImageProcessor, load_image, load_video, smart_resize
+    from .image_processing_qwenvl import (
+        QwenVLImageProcessor, check_fps, image_list, load_image, load_video, smart_resize, video_list,
+    )
 except ImportError:
-    from image_processing_qwenvl import QwenVLImageProcessor, load_image, load_video, smart_resize
+    from image_processing_qwenvl import (
+        QwenVLImageProcessor, check_fps, image_list, load_image, load_video, smart_resize, video_list,
+    )
 
 
 # What differs between transformers 4.x and 5.x for this file, and all that it does about it:
@@ -35,7 +36,12 @@ except ImportError:
 # - 5.x passes `_get_arguments_from_pretrained` an extra positional argument, which the override below absorbs.
 IS_TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
-DEFAULT_VIDEO_FPS = 2.0
+# Where a saved processor's configs name its classes (`auto_map`), so that AutoImageProcessor and AutoProcessor
+# load them as remote code; save_pretrained writes the same, and convert_checkpoint.py writes this.
+PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": "image_processing_qwenvl.QwenVLImageProcessor",
+    "AutoProcessor": "processing_qwenvl.QwenVLProcessor",
+}
 # Tokenizer options a call may pass on. Options that split or reshape samples (overflowing tokens, stride, text
 # pairs, pre-split words) are left out: placeholders and vision spans must stay whole, one sample per text.
 TOKENIZER_OPTIONS = (
@@ -157,8 +163,8 @@ class QwenVLProcessor(ProcessorMixin):
         image_options = {name: kwargs.pop(name) for name in IMAGE_OPTIONS if name in kwargs}
         fps = kwargs.pop("fps", None)
 
-        image_items = [(image, image_options) for image in _flatten_images(images)]
-        video_items = self._video_items_from_call(_as_video_list(videos), fps)
+        image_items = [(image, image_options) for image in ([] if images is None else image_list(images))]
+        video_items = self._video_items_from_call([] if videos is None else video_list(videos, paths=True), fps)
         return self._build(text, image_items, video_items, **kwargs)
 
     def _video_items_from_call(self, videos: list, fps) -> list:
@@ -226,10 +232,9 @@ class QwenVLProcessor(ProcessorMixin):
 
     def _encode_video(self, frames) -> dict:
         # The frames are already sampled and sized (by `load_video`, or by the caller). Asking for their own size
-        # only rounds the sides to multiples of 28, instead of resizing them again under the image pixel limits.
+        # only rounds the sides to multiples of patch_size * merge_size (28), instead of resizing them again under
+        # the image pixel limits.
         frames = [load_image(frame) for frame in frames]
-        if not frames:  # a [0, H, W, 3] array
-            raise ValueError("the video is empty: it has no frames")
         height, width = frames[0].height, frames[0].width
         return dict(
             self.image_processor(videos=[frames], resized_height=height, resized_width=width, return_tensors="pt")
@@ -433,51 +438,11 @@ class QwenVLVideoView:
 # ---- input normalisation ---------------------------------------------------------------------------------------
 
 
-def _flatten_images(images) -> list:
-    """A single image, a list of images or a per-sample list of lists, as one flat list in order."""
-    if images is None:
-        return []
-    if isinstance(images, (list, tuple)):
-        return [image for entry in images for image in _flatten_images(entry)]
-    return [images]
-
-
-def _is_frame(x) -> bool:
-    return isinstance(x, Image.Image) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 3)
-
-
-def _is_video(x) -> bool:
-    if isinstance(x, (str, os.PathLike)):
-        return True
-    if isinstance(x, (np.ndarray, torch.Tensor)):
-        return x.ndim == 4
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(_is_frame(frame) for frame in x)
-
-
-def _as_video_list(videos) -> list:
-    """One video or a list of videos, as a list of videos."""
-    if videos is None:
-        return []
-    if _is_video(videos):
-        return [videos]
-    if isinstance(videos, (list, tuple)) and all(_is_video(video) for video in videos):
-        return list(videos)
-    raise TypeError(
-        "videos must be a video or a list of videos, where a video is a path or URL, a [T, H, W, 3] array or "
-        f"tensor, or a non-empty list of frames (PIL images or [H, W, 3] arrays); got {type(videos).__name__}"
-    )
-
-
 def _fps_per_video(fps, num_videos: int) -> list[float]:
-    if fps is None:
-        fps = DEFAULT_VIDEO_FPS
     fps_list = list(fps) if isinstance(fps, (list, tuple)) else [fps] * num_videos
     if len(fps_list) != num_videos:
         raise ValueError(f"got {len(fps_list)} fps values for {num_videos} videos; pass one number or one per video")
-    for value in fps_list:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-            raise ValueError(f"fps must be a positive number, got {value!r}")
-    return [float(value) for value in fps_list]
+    return [check_fps(value) for value in fps_list]
 
 
 def _as_text_list(text) -> list[str]:

@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from image_processing_qwenvl import load_image, load_video  # noqa: E402
+from image_processing_qwenvl import DEFAULT_FPS, load_image, load_video  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -28,7 +28,10 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="a qwenvl model directory")
     parser.add_argument("--image", action="append", default=[], help="a picture (path); repeat for several")
     parser.add_argument("--video", help="a clip (path), sampled at --fps")
-    parser.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from --video (default 2)")
+    parser.add_argument(
+        "--fps", type=float, default=DEFAULT_FPS,
+        help=f"frames per second sampled from --video (default {DEFAULT_FPS:g})",
+    )
     parser.add_argument("--question", default="Describe what you see.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the language model over")

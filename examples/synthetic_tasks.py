@@ -197,11 +197,15 @@ def evaluate(answer, per_task, seed, batch_size=32):
     }
 
 
-def messages(example, visual):
-    """The chat for one example; `visual` is its rendered image, frames, or a path.
+def media_item(kind, visual):
+    """The chat item of a picture or clip ("image" or "video"): `visual` is an image, frames, or a path.
 
-    The pixel bounds keep pictures and frames at the training size: without them, frames would be scaled up to
-    qwen-vl-utils' video minimum (128 * 28 * 28 pixels)."""
-    kind = "video" if example.is_video else "image"
-    item = {"type": kind, kind: visual, "min_pixels": 28 * 28, "max_pixels": IMAGE_SIZE**2}
+    The pixel bounds keep pictures and frames at the training size (larger inputs are scaled down to that many
+    pixels): without them, frames would be scaled up to qwen-vl-utils' video minimum (128 * 28 * 28 pixels)."""
+    return {"type": kind, kind: visual, "min_pixels": 28 * 28, "max_pixels": IMAGE_SIZE**2}
+
+
+def messages(example, visual):
+    """The chat for one example; `visual` is its rendered image, frames, or a path."""
+    item = media_item("video" if example.is_video else "image", visual)
     return [{"role": "user", "content": [item, {"type": "text", "text": example.question}]}]

@@ -32,15 +32,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 
 import synthetic_tasks as tasks  # noqa: E402
-from configuration_qwenvl import QwenVLConfig  # noqa: E402
+from configuration_qwenvl import AUTO_MAP, QwenVLConfig  # noqa: E402
+from image_processing_qwenvl import DEFAULT_FPS  # noqa: E402
 from modeling_qwenvl import QwenVLForConditionalGeneration  # noqa: E402
 from processing_qwenvl import QwenVLProcessor  # noqa: E402
-
-AUTO_MAP = {
-    "AutoConfig": "configuration_qwenvl.QwenVLConfig",
-    "AutoModel": "modeling_qwenvl.QwenVLModel",
-    "AutoModelForImageTextToText": "modeling_qwenvl.QwenVLForConditionalGeneration",
-}
 
 
 # The official rope_theta (1e6), with which training starts. M-RoPE gives the width axis the head's lowest
@@ -96,14 +91,16 @@ class Encoder:
         visual = tasks.render(example)
         kind = "video" if example.is_video else "image"
         head, pad_id, tail, after = self.layouts[kind]
+        image_processor = self.processor.image_processor
         if example.is_video:
-            features = dict(self.processor.image_processor(videos=[visual], return_tensors="pt"))
-            features["second_per_grid_ts"] = torch.tensor([self.processor.image_processor.temporal_patch_size / 2.0])
+            features = dict(image_processor(videos=[visual], return_tensors="pt"))
+            features["second_per_grid_ts"] = torch.tensor([image_processor.temporal_patch_size / DEFAULT_FPS])
             grid = features["video_grid_thw"]
         else:
-            features = dict(self.processor.image_processor(images=[visual], return_tensors="pt"))
+            features = dict(image_processor(images=[visual], return_tensors="pt"))
             grid = features["image_grid_thw"]
-        prompt_ids = head + [pad_id] * int(grid.prod() // 4) + self.tokenizer(tail + example.question + after)["input_ids"]
+        pads = [pad_id] * int(grid.prod() // image_processor.merge_size**2)
+        prompt_ids = head + pads + self.tokenizer(tail + example.question + after)["input_ids"]
         answer = self.tokenizer(example.answer + "<|im_end|>")["input_ids"]
         features["input_ids"] = prompt_ids + answer
         features["labels"] = [-100] * len(prompt_ids) + answer
@@ -112,7 +109,7 @@ class Encoder:
     def check(self, examples):
         for example in examples:
             visual = tasks.render(example)
-            media = {"videos": [visual], "fps": 2.0} if example.is_video else {"images": [visual]}
+            media = {"videos": [visual], "fps": DEFAULT_FPS} if example.is_video else {"images": [visual]}
             reference = self.processor(text=[self.prompt(example)], return_tensors="pt", **media)
             ours = self(example)
             n_prompt = ours["labels"].count(-100)
@@ -288,7 +285,7 @@ def generate_answers(model, processor, examples, max_new_tokens=6):
     images = [v for e, v in zip(examples, visuals) if not e.is_video]
     videos = [v for e, v in zip(examples, visuals) if e.is_video]
     inputs = processor(
-        text=texts, images=images or None, videos=videos or None, fps=2.0, padding=True, return_tensors="pt"
+        text=texts, images=images or None, videos=videos or None, fps=DEFAULT_FPS, padding=True, return_tensors="pt"
     )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -30,6 +30,7 @@ its parametrized tests); other rows name the test that covers them elsewhere.
 | 21 | two grids packed into one placeholder span | ValueError | here: model[two-grids-one-span] |
 | 22 | second_per_grid_ts count differs from the videos | ValueError | here: model[seconds-too-few], model[seconds-too-many] |
 | 23 | negative second_per_grid_ts | ValueError | here: model[seconds-negative] |
+| 23b | second_per_grid_ts so large (fps 1e-30) that video time positions pass 2**24 | ValueError | here: model[seconds-overflow] |
 | 24 | attention_mask shape differs from input_ids | ValueError | here: model[mask-shorter], model[mask-other-batch] |
 | 25 | token ids outside the vocabulary | ValueError | test_model::test_bad_model_inputs_get_clear_errors |
 | 26 | float or bool input_ids | TypeError | test_model::test_bad_model_inputs_get_clear_errors, here: model[bool-ids] |
@@ -38,9 +39,12 @@ its parametrized tests); other rows name the test that covers them elsewhere.
 | 29 | pixel values with inputs_embeds only | ValueError | here: model[embeds-with-pixels] |
 | 30 | continuing a cache without rope_deltas | ValueError | test_model::test_continuing_a_cache_without_rope_deltas_is_refused |
 | 30b | position_ids neither [3, B, L] nor [B, L] of the input's size | ValueError | here: model[position-ids-wrong-length], model[position-ids-1d] |
+| 30c | empty input_ids (no tokens) | ValueError | here: model[ids-empty] |
 | 31 | safetensors missing, only a pickle checkpoint | OSError | test_safety::test_pickle_weights_are_refused_by_default |
+| 31b | config layer counts differ from the checkpoint's (refused before building); missing or unexpected weights (unless `strict=False`) | ValueError | test_safety::test_a_config_that_disagrees_with_its_weights_is_refused_before_building, test_safety::test_missing_or_unexpected_weights_are_refused_unless_asked |
 | **config** | | | |
 | 32 | mrope_section not summing to half the head size / not 3 parts | ValueError | here: config[mrope-vs-head-size], test_model::test_bad_configs_are_refused_with_a_clear_message |
+| 32b | sizes or counts not positive integers (num_hidden_layers -1, vision depth 0, float heads); rope_theta or rms_norm_eps zero, negative, NaN | ValueError | here: config[no-layers], config[rope-theta-zero], config[eps-nan], config[vision-depth-zero], config[float-heads] |
 | 33 | rope type other than M-RoPE, heads not divisible, kv heads, sliding window, vision head size, window size, full-attention index, norm type | ValueError | test_model::test_bad_configs_are_refused_with_a_clear_message |
 | **processor** | | | |
 | 34 | more images than placeholders | ValueError | test_processor::test_more_images_than_placeholders |
@@ -154,6 +158,8 @@ MODEL_CASES = [
     ("seconds-too-few", lambda i: two_videos(i), ValueError, "second_per_grid_ts has 1 values but .* 2 videos"),
     ("seconds-too-many", lambda i: dict(i, second_per_grid_ts=torch.tensor([1.0, 2.0])), ValueError,
      "second_per_grid_ts has 2 values but .* 1 videos"),
+    ("seconds-overflow", lambda i: dict(i, second_per_grid_ts=torch.tensor([2e30])), ValueError,
+     r"past 2\*\*24"),
     ("seconds-negative", lambda i: dict(i, second_per_grid_ts=torch.tensor([-0.5])), ValueError,
      "second_per_grid_ts must be positive"),
     ("mask-shorter", lambda i: dict(i, attention_mask=i["attention_mask"][:, :5]), ValueError,
@@ -169,6 +175,7 @@ MODEL_CASES = [
      r"position_ids must have shape \[3, 1, \d+\] or \[1, \d+\], got \(3, 1, \d+\)"),
     ("position-ids-1d", lambda i: dict(i, position_ids=torch.arange(i["input_ids"].shape[1])), ValueError,
      "position_ids must have shape"),
+    ("ids-empty", lambda i: {"input_ids": torch.zeros((1, 0), dtype=torch.long)}, ValueError, "input_ids is empty"),
     ("embeds-with-pixels",
      lambda i: dict(without("input_ids")(i), inputs_embeds=torch.zeros(1, i["input_ids"].shape[1], 64)),
      ValueError, "need input_ids to find"),
@@ -199,6 +206,11 @@ CONFIG_CASES = [
     # the tiny text config has head size 64 / 4 = 16, so mrope_section must sum to 8
     ("mrope-vs-head-size", dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 2]}), "mrope_section"),
     ("mrope-vs-head-size-heads", dict(TEXT, num_attention_heads=2, num_key_value_heads=2), "mrope_section"),
+    ("no-layers", dict(TEXT, num_hidden_layers=-1), "num_hidden_layers must be a positive integer, got -1"),
+    ("rope-theta-zero", dict(TEXT, rope_theta=0), "rope_theta must be a positive finite number, got 0"),
+    ("eps-nan", dict(TEXT, rms_norm_eps=float("nan")), "rms_norm_eps must be a positive finite number"),
+    ("vision-depth-zero", dict(TEXT, vision_config=dict(depth=0)), "vision_config.depth must be a positive integer"),
+    ("float-heads", dict(TEXT, num_attention_heads=4.0), "num_attention_heads must be a positive integer"),
 ]
 
 

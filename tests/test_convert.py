@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import convert_checkpoint
+import processing_qwenvl
 from convert_checkpoint import convert
 from official_configs import OFFICIAL_CONFIGS
 from tiny import TEXT, VISION_2, VISION_25
@@ -169,7 +170,7 @@ def test_converted_qwen25_gives_the_source_logits_and_keeps_its_processor_files(
     assert SOURCE_SYSTEM_PROMPT in processor.apply_chat_template(chat(), tokenize=False)
     assert processor.tokenizer.padding_side == "left"
     preprocessor = json.loads((dst / "preprocessor_config.json").read_text())
-    assert preprocessor["auto_map"] == convert_checkpoint.PROCESSOR_AUTO_MAP
+    assert preprocessor["auto_map"] == processing_qwenvl.PROCESSOR_AUTO_MAP
     for name in ("generation_config.json", "LICENSE", "tokenizer.json", "chat_template.json"):
         assert filecmp.cmp(src / name, dst / name, shallow=False), name
     for name in convert_checkpoint.CODE_FILES:
@@ -186,6 +187,7 @@ def test_converted_checkpoint_gives_the_source_logits(tmp_path, monkeypatch, fam
         written = convert(src, tmp_path / "dst")
     assert written["generation_config.json"] == "written from the config"
     assert written["chat_template.jinja"] == "copied from qwenvl"
+    assert f"family {'qwen2_vl' if family == '2' else 'qwen2_5_vl'}" in written["config.json"]  # QwenVLConfig.family
     if shards > 1:
         assert sum(name.endswith(".safetensors") for name in os.listdir(tmp_path / "dst")) == shards
         assert (tmp_path / "dst" / "model.safetensors.index.json").exists()
@@ -292,7 +294,7 @@ def test_command_line_help_conversion_and_error(official_25, tmp_path):
     assert "--copy" in run_cli("--help").stdout
     done = run_cli("--src", src, "--dst", tmp_path / "dst", "--copy")
     assert done.returncode == 0, done.stderr
-    assert "model.safetensors" in done.stdout and "copied" in done.stdout
+    assert "model.safetensors" in done.stdout and "copied" in done.stdout and "family qwen2_5_vl" in done.stdout
     failed = run_cli("--src", tmp_path / "nowhere", "--dst", tmp_path / "dst2")
     assert failed.returncode == 2 and "is not a directory" in failed.stderr
     assert not (tmp_path / "dst2").exists()

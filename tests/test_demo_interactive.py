@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import demo
+from configuration_qwenvl import QwenVLConfig
 from modeling_qwenvl import QwenVLForConditionalGeneration
 from processing_qwenvl import QwenVLProcessor
 from test_portable import tiny_model
@@ -123,11 +124,20 @@ def test_chat_on_stdin_resends_the_whole_conversation(model_dir, model_and_proce
 # ---- grounding ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["2.5", "2"])
+def qwen2_config_dir(directory):
+    """A directory holding only a Qwen2-VL-family config.json (--ground reads nothing else)."""
+    QwenVLConfig(vision_config=dict(embed_dim=64, hidden_size=128, depth=2, num_heads=4)).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
 def test_ground_draws_the_built_in_example(family, tmp_path, capsys):
+    """The family comes from --model's config: the repo root's (Qwen2.5-VL) by default, or a Qwen2-VL one."""
     out = tmp_path / "grounded.png"
-    demo.main(["--ground", "--family", family, "--out", str(out)])
+    model = [] if family == "qwen2_5_vl" else ["--model", str(qwen2_config_dir(tmp_path / "qwen2"))]
+    demo.main(["--ground", *model, "--out", str(out)])
     printed = capsys.readouterr().out
+    assert f"family {family}" in printed
     assert "red triangle: box (66, 11, 108, 53)" in printed and "3 object(s)" in printed
     drawn = Image.open(out)
     assert drawn.size == (168, 168) and drawn.convert("RGB").getpixel((9, 30)) != (235, 200, 30)  # an edge is drawn
@@ -150,6 +160,8 @@ def test_ground_maps_an_answer_for_a_resized_picture(tmp_path, capsys):
         (["--ground", "--image", IMAGE], "--ground without ANSWER draws its example"),
         (["--ground", "{}"], "--ground ANSWER needs --image"),
         (["--ground", "--chat"], "--ground runs no model"),
+        (["--ground", "--family", "2.5"], "unrecognized arguments: --family"),  # read from --model's config instead
+        (["--ground", "--model", str(ROOT / "examples")], "has no config.json"),
         (["--ground", '{"bbox_2d": [1, 2', "--image", IMAGE], "only 0 are in valid JSON"),
         (["--chat", "--question", "hi"], "--chat reads its questions from stdin"),
         (["--image", IMAGE], "--image and --video need --question"),

@@ -70,7 +70,7 @@ def test_qwen25_answer_maps_back_to_the_original_pixels(width, height):
     resized = resized_size_from_grid(grid)
     assert resized != (width, height)  # the processor did resize: the mapping is not the identity
     answer = qwen25_answer(true_objects(width, height), (width, height), resized)
-    found = ground(answer, "2.5", (width, height), image_grid_thw=grid)
+    found = ground(answer, "qwen2_5_vl", (width, height), image_grid_thw=grid)
     tolerance = 0.5 * max(width / resized[0], height / resized[1]) + 1e-6  # the model's integer rounding
     assert len(found) == 2
     for got, expected in zip(found, true_objects(width, height)):
@@ -80,7 +80,7 @@ def test_qwen25_answer_maps_back_to_the_original_pixels(width, height):
 @pytest.mark.parametrize("width,height", SIZES)
 def test_qwen2_answer_maps_back_to_the_original_pixels(width, height):
     answer = qwen2_answer(true_objects(width, height), width, height)
-    found = ground(answer, "2", (width, height), image_grid_thw=grid_of(width, height))  # the grid is not needed
+    found = ground(answer, "qwen2_vl", (width, height), image_grid_thw=grid_of(width, height))  # the grid is not needed
     tolerance = 0.5 * max(width, height) / 1000 + 1e-6
     assert len(found) == 1
     assert_close(found[0], true_objects(width, height)[0], tolerance)
@@ -90,6 +90,19 @@ def test_resized_size_comes_from_the_grid_in_any_form():
     assert resized_size_from_grid(torch.tensor([[1, 22, 32]])) == (448, 308)
     assert resized_size_from_grid([1, 22, 32]) == (448, 308)
     assert resized_size_from_grid(torch.tensor([1, 22, 32])) == (448, 308)
+    assert resized_size_from_grid([1, 22, 32], patch_size=16) == (512, 352)  # the processor's own patch size
+
+
+def test_family_is_the_configs():
+    """ground() takes `model.config.family`: Qwen2.5-VL's JSON in resized pixels, Qwen2-VL's tokens in [0, 1000)."""
+    from configuration_qwenvl import QwenVLConfig
+
+    qwen25 = QwenVLConfig()
+    qwen2 = QwenVLConfig(vision_config=dict(embed_dim=64, hidden_size=128, depth=2, num_heads=4))
+    found = ground('{"bbox_2d": [7, 14, 14, 28]}', qwen25.family, (100, 100), resized_size=(14, 28))
+    assert found[0].box == (50.0, 50.0, 100.0, 100.0)
+    found = ground("<|box_start|>(100,200),(300,400)<|box_end|>", qwen2.family, (100, 100))
+    assert found[0].box == pytest.approx((10.0, 20.0, 30.0, 40.0))
 
 
 # ---- the forms answers come in -----------------------------------------------------------------------------------
@@ -121,14 +134,14 @@ def test_qwen2_forms():
 
 
 def test_mapping_clamps_to_the_image():
-    found = to_original_pixels([GroundedObject("x", box=(-5.0, 0.0, 1100.0, 999.0))], "2", (200, 100))
+    found = to_original_pixels([GroundedObject("x", box=(-5.0, 0.0, 1100.0, 999.0))], "qwen2_vl", (200, 100))
     assert found[0].box == (0.0, 0.0, 200.0, 99.9)
 
 
 # ---- no grounding, and grounding that cannot be read -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["2.5", "2"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
 @pytest.mark.parametrize("text", ["There is a cat on the sofa.", "", 'The set {1, 2} and ```json\n{"answer": 3}\n```'])
 def test_answers_without_grounding_give_an_empty_list(family, text):
     assert parse_grounding(text, family) == []
@@ -163,16 +176,17 @@ def test_unreadable_qwen2_grounding_is_an_error(text, message):
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="family must be '2.5'"):
-        parse_grounding("", "3")
+    for family in ("3", "2.5"):  # "2.5" / "2" were the names before QwenVLConfig.family
+        with pytest.raises(ValueError, match="family must be 'qwen2_5_vl' .* or 'qwen2_vl'"):
+            parse_grounding("", family)
     with pytest.raises(TypeError, match="must be a string"):
         parse_qwen25(None)
     with pytest.raises(ValueError, match="pass resized_size or image_grid_thw"):
-        ground('{"bbox_2d": [1, 2, 3, 4]}', "2.5", (100, 100))
+        ground('{"bbox_2d": [1, 2, 3, 4]}', "qwen2_5_vl", (100, 100))
     with pytest.raises(ValueError, match="not both"):
-        ground("", "2.5", (100, 100), image_grid_thw=[1, 2, 2], resized_size=(28, 28))
+        ground("", "qwen2_5_vl", (100, 100), image_grid_thw=[1, 2, 2], resized_size=(28, 28))
     with pytest.raises(ValueError, match="original_size must be"):
-        ground("", "2", (100, 0))
+        ground("", "qwen2_vl", (100, 0))
     with pytest.raises(ValueError, match="one image's"):
         resized_size_from_grid(torch.tensor([[1, 2, 2], [1, 4, 4]]))
     with pytest.raises(TypeError, match="GroundedObject"):

@@ -17,11 +17,13 @@ import image_processing_qwenvl
 import oracles
 from image_processing_qwenvl import (
     QwenVLImageProcessor,
+    image_list,
     load_image,
     load_video,
     sample_frame_indices,
     smart_nframes,
     smart_resize,
+    video_list,
 )
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "camera.png", "rocket.jpg", "retina.jpg", "horse.png"]
@@ -577,6 +579,22 @@ def test_error_empty_video(tmp_path):
         sample_frame_indices(0, 25.0)
     with pytest.raises(ValueError, match="cannot sample 0 frames"):
         sample_frame_indices(1, 25.0)
+
+
+def test_one_reading_of_inputs_and_fps():
+    """image_list, video_list and the fps check serve the image processor, the processor and load_video alike."""
+    frames = np.zeros((2, 28, 28, 3), np.uint8)
+    assert len(image_list([[frames[0]], [], frames])) == 3  # per-sample lists, an empty sample, a 4-D batch
+    processor = QwenVLImageProcessor()
+    np.testing.assert_array_equal(processor(images=frames)["pixel_values"], processor(images=list(frames))["pixel_values"])
+    assert [len(video) for video in video_list([frames, list(frames)])] == [2, 2]
+    assert video_list(["clip.mp4", frames], paths=True)[0] == "clip.mp4"
+    assert len(video_list(["a.png", "b.png"])) == 1  # without paths, picture files are the frames of one video
+    with pytest.raises(TypeError, match="not a mix"):
+        video_list([frames, frames[0]])
+    for call in (lambda: load_video(list(frames), fps=0), lambda: smart_nframes(10, 5.0, fps=-1.0)):
+        with pytest.raises(ValueError, match="fps must be a positive number"):
+            call()
 
 
 def test_error_fps_and_nframes():

@@ -85,6 +85,62 @@ def test_safetensors_are_preferred_beside_a_pickle(saved_model, tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
+# --- a checkpoint that does not match its config ----------------------------------------------------------
+
+
+def copy_with(directory, destination, config_changes=None, tensors=None):
+    """A copy of a saved model with config.json fields changed and/or its tensors replaced by `tensors(state)`."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    for path in directory.iterdir():
+        (destination / path.name).write_bytes(path.read_bytes())
+    config = json.loads((destination / "config.json").read_text())
+    for key, value in (config_changes or {}).items():
+        *parents, name = key.split(".")
+        target = config
+        for parent in parents:
+            target = target[parent]
+        target[name] = value
+    (destination / "config.json").write_text(json.dumps(config))
+    if tensors is not None:
+        save_file(tensors(load_file(destination / "model.safetensors")), destination / "model.safetensors",
+                  metadata={"format": "pt"})
+    return destination
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_hidden_layers": 3}, "num_hidden_layers=3 but the checkpoint holds 2 decoder layers"),
+    ({"num_hidden_layers": 100000}, "num_hidden_layers=100000 but the checkpoint holds 2 decoder layers"),
+    ({"vision_config.depth": 2}, "vision_config.depth=2 but the checkpoint holds 3 vision blocks"),
+], ids=["one-layer-more", "huge", "vision-depth"])
+def test_a_config_that_disagrees_with_its_weights_is_refused_before_building(saved_model, tmp_path, changes, message):
+    directory = copy_with(saved_model[1], tmp_path, config_changes=changes)
+    with pytest.raises(ValueError, match=message):
+        QwenVLForConditionalGeneration.from_pretrained(directory)
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(directory, trust_remote_code=True)
+
+
+@pytest.mark.parametrize("tensors, message", [
+    (lambda state: {k: v for k, v in state.items() if "layers.1.mlp.up_proj" not in k}, "1 missing weight"),
+    (lambda state: dict(state, **{"model.language_model.extra.weight": torch.zeros(2)}), "1 unexpected weight"),
+], ids=["missing", "unexpected"])
+def test_missing_or_unexpected_weights_are_refused_unless_asked(saved_model, tmp_path, tensors, message):
+    directory = copy_with(saved_model[1], tmp_path, tensors=tensors)
+    with pytest.raises(ValueError, match=message + r".*strict=False"):
+        QwenVLForConditionalGeneration.from_pretrained(directory)
+    model, info = QwenVLForConditionalGeneration.from_pretrained(directory, strict=False, output_loading_info=True)
+    assert info["missing_keys"] or info["unexpected_keys"]
+
+
+def test_the_body_of_a_checkpoint_with_a_head_loads_strictly(saved_model):
+    """AutoModel on a whole model's checkpoint leaves its vocabulary head out: expected, not an error."""
+    model = QwenVLModel.from_pretrained(saved_model[1])
+    assert torch.equal(model.language_model.norm.weight, saved_model[0].model.language_model.norm.weight)
+
+
 # --- no network -----------------------------------------------------------------------------------
 
 # Runs in a fresh interpreter: sockets refuse to connect before anything is imported, and every attempt is
