@@ -38,13 +38,16 @@ import os
 import re
 import shutil
 import struct
+import uuid
+from typing import NamedTuple, Optional
 
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from configuration_qwenvl import AUTO_MAP, QwenVLConfig
 from image_processing_qwenvl import QwenVLImageProcessor
-from modeling_qwenvl import HUB_KEY_MAPPING, QwenVLForConditionalGeneration
+from modeling_qwenvl import HUB_KEY_MAPPING, QwenVLForConditionalGeneration, check_layer_counts
 from processing_qwenvl import PROCESSOR_AUTO_MAP
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -273,55 +276,108 @@ def place_weights(source, target, copy):
 # ---- conversion ----------------------------------------------------------------------------------------------
 
 
-def convert(src, dst, copy=False):
-    """Convert the official checkpoint directory `src` into the qwenvl directory `dst` (new or empty).
+class Plan(NamedTuple):
+    """What a conversion writes, all of it read from the source and checked before anything is written."""
 
-    Everything is checked before anything is written. Returns {file name in dst: how it got there}.
-    """
-    official = read_official_config(src)
-    config = qwenvl_config(official, src)
+    config: QwenVLConfig
+    shards: list  # the weight files
+    index: Optional[str]  # the weights' index file, or None for a single file
+    processor_config: dict
+    tokenizer_dir: str  # the source, or this repo
+    template: tuple  # (directory, file name) of the chat template to copy, or (None, None)
+    generation_path: Optional[str]  # the source's generation_config.json, or None: one is made from the config
+
+
+def plan_conversion(src):
+    """Read and check everything `src` must provide; ValueError naming the first problem."""
+    config = qwenvl_config(read_official_config(src), src)
     shards, index, weight_map = weight_files(src)
-    check_weights(config, stored_shapes(src, shards, weight_map), src)
-    processor_config = preprocessor_config(src)
-    tokenizer_dir = tokenizer_directory(src)
-    template_dir, template_name = chat_template_file(src)
+    shapes = stored_shapes(src, shards, weight_map)
+    # The layer counts first, from the tensor names alone: check_weights builds the model (on the meta device, yet
+    # every layer is still Python objects), which took minutes and gigabytes for a config claiming 100000 layers.
+    check_layer_counts(src, config)
+    check_weights(config, shapes, src)
     generation_path = os.path.join(src, "generation_config.json")
     if os.path.isfile(generation_path):
         read_json_object(generation_path)  # copied as it is, but refused now if it is not a config
-    check_destination(dst)
+    else:
+        generation_path = None
+    return Plan(
+        config, shards, index, preprocessor_config(src), tokenizer_directory(src), chat_template_file(src),
+        generation_path,
+    )
 
-    os.makedirs(dst, exist_ok=True)
+
+def convert(src, dst, copy=False):
+    """Convert the official checkpoint directory `src` into the qwenvl directory `dst` (new or empty).
+
+    Everything is checked before anything is written. The files are written into a new directory beside `dst`, which
+    becomes `dst` only once it is complete: a failure part way (a full disk, an unreadable file) leaves no partial
+    `dst` behind. Returns {file name in dst: how it got there}.
+    """
+    plan = plan_conversion(src)
+    check_destination(dst)
+    target = os.path.realpath(dst)  # an empty dst that is a symbolic link: replace the directory it points to
+    partial = new_directory_beside(target)
+    try:
+        written = write_directory(src, partial, plan, copy)
+        if os.path.isdir(target):
+            os.rmdir(target)  # an empty dst is allowed: the complete directory takes its place
+        os.rename(partial, target)
+    except BaseException:  # interrupted too: whatever was written goes
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return written
+
+
+def new_directory_beside(target):
+    """A new, uniquely named directory in the folder that holds `target` (created if needed): on the same file
+    system, so that renaming it to `target` is one step, and hidden, so that a listing does not show it as a model."""
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    partial = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
+    os.mkdir(partial)  # not tempfile.mkdtemp: that directory is private (mode 700), and dst would stay so
+    return partial
+
+
+def write_directory(src, dst, plan, copy):
+    """Write every file of the converted model into the new, empty directory `dst`; {file name: how}."""
     written = {}
 
-    def copy_file(directory, name, how):
-        shutil.copyfile(os.path.join(directory, name), os.path.join(dst, name))
-        written[name] = how
+    def origin(directory):
+        return "the source" if directory == src else "qwenvl"
 
-    config.to_json_file(os.path.join(dst, "config.json"))
-    written["config.json"] = f"written (model_type qwenvl, family {config.family}, auto_map)"
+    def copy_file(directory, name):
+        shutil.copyfile(os.path.join(directory, name), os.path.join(dst, name))
+        written[name] = f"copied from {origin(directory)}"
+
+    plan.config.to_json_file(os.path.join(dst, "config.json"))
+    written["config.json"] = f"written (model_type qwenvl, family {plan.config.family}, auto_map)"
     for name in CODE_FILES:
-        copy_file(ROOT, name, "copied from qwenvl")
+        copy_file(ROOT, name)
     for name in TOKENIZER_FILES:
-        if name == "tokenizer_config.json" and os.path.isfile(os.path.join(tokenizer_dir, name)):
-            write_json(os.path.join(dst, name), left_padding(os.path.join(tokenizer_dir, name)))
-            written[name] = f"from {'the source' if tokenizer_dir == src else 'qwenvl'}, padding_side left"
-        elif os.path.isfile(os.path.join(tokenizer_dir, name)):
-            copy_file(tokenizer_dir, name, "copied from " + ("the source" if tokenizer_dir == src else "qwenvl"))
+        if name == "tokenizer_config.json" and os.path.isfile(os.path.join(plan.tokenizer_dir, name)):
+            write_json(os.path.join(dst, name), left_padding(os.path.join(plan.tokenizer_dir, name)))
+            written[name] = f"from {origin(plan.tokenizer_dir)}, padding_side left"
+        elif os.path.isfile(os.path.join(plan.tokenizer_dir, name)):
+            copy_file(plan.tokenizer_dir, name)
+    template_dir, template_name = plan.template
     if template_name is not None:
-        copy_file(template_dir, template_name, "copied from " + ("the source" if template_dir == src else "qwenvl"))
-    write_json(os.path.join(dst, "preprocessor_config.json"), processor_config)
+        copy_file(template_dir, template_name)
+    write_json(os.path.join(dst, "preprocessor_config.json"), plan.processor_config)
     written["preprocessor_config.json"] = "written (QwenVLImageProcessor, auto_map)"
-    if os.path.isfile(generation_path):
-        copy_file(src, "generation_config.json", "copied from the source")
+    if plan.generation_path is not None:
+        copy_file(src, "generation_config.json")
     else:
-        GenerationConfig.from_model_config(config).save_pretrained(dst)
+        GenerationConfig.from_model_config(plan.config).save_pretrained(dst)
         written["generation_config.json"] = "written from the config"
     for name in CARRIED_FILES:
         if os.path.isfile(os.path.join(src, name)):
-            copy_file(src, name, "copied from the source")
-    if index is not None:
-        copy_file(src, index, "copied from the source")
-    for shard in shards:
+            copy_file(src, name)
+    if plan.index is not None:
+        copy_file(src, plan.index)
+    # a progress bar (stderr) for sharded checkpoints: copying 70 GB of shards takes minutes
+    for shard in tqdm(plan.shards, desc="weights", unit="shard", disable=len(plan.shards) < 2):
         written[shard] = place_weights(os.path.join(src, shard), os.path.join(dst, shard), copy)
     return written
 
@@ -334,7 +390,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         written = convert(args.src, args.dst, copy=args.copy)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: a file that cannot be read or written (nothing is left in dst)
         parser.exit(2, f"convert_checkpoint.py: error: {error}\n")
     for name, how in written.items():
         print(f"{name:40s} {how}")

@@ -7,13 +7,15 @@
   python demo.py --eval 100 --seed 777             # accuracy per task on fresh synthetic questions
   python demo.py --ground                          # grounding: an example answer drawn on examples/shape.png
   python demo.py --ground ANSWER --image PATH --model DIR    # a grounding answer of the model in DIR, drawn
+  python demo.py --web [--model DIR] [--port 7860]  # the chat page on http://127.0.0.1:7860 (needs gradio)
 
 The model is small and trained only on synthetic scenes (shapes of five colours on white; a ball
 moving over 4 frames): it answers questions about colour, shape, position, count and motion.
 
 --chat keeps the whole conversation and sends all of it, images included, with every new message. Type a message
 and press Enter; /image PATH or /video PATH adds a picture or clip to your next message; /reset starts over;
-/quit (or end of input) leaves.
+/quit (or end of input) leaves. A message that fails (a picture or clip that cannot be read, say) is dropped with its
+media, and the conversation before it goes on.
 
 --ground runs no model (the embedded one is not trained to ground objects): it reads an answer of an official
 model, Qwen2.5-VL's JSON ({"bbox_2d": [x1, y1, x2, y2], "label": ...}, in pixels of the resized image) or
@@ -25,10 +27,13 @@ ANSWER (official or converted); the default, the repo root, is a Qwen2.5-VL-fami
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
 import warnings
+
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -54,6 +59,10 @@ GROUNDING_EXAMPLES = {
     "<|object_ref_start|>blue circle<|object_ref_end|><|box_start|>(405,690),(655,940)<|box_end|>",
 }
 CHAT_HELP = "commands: /image PATH, /video PATH (added to your next message), /reset, /quit"
+# What one chat turn may fail with while the chat goes on: the errors of the processor's and model's contract
+# (ValueError, TypeError, OSError: a missing, unreadable or refused picture or clip, a bad line) and PIL's refusal to
+# open a picture of too many pixels, which derives from none of them.
+TURN_ERRORS = (ValueError, TypeError, OSError, Image.DecompressionBombError)
 
 
 def load_pipeline(model_dir):
@@ -90,7 +99,7 @@ def run_eval(pipe, per_task, seed):
     def answer(examples):
         return ask(pipe, [tasks.messages(e, tasks.render(e)) for e in examples])
 
-    scores = tasks.evaluate(answer, per_task, seed)
+    scores = tasks.evaluate(answer, per_task, seed, progress=True)
     for task, accuracy in scores["per_task"].items():
         print(f"{task:9s} {accuracy:.3f}")
     print(f"overall   {scores['accuracy']:.3f} on {scores['n']} questions")
@@ -142,7 +151,17 @@ class ChatSession:
         self.out.flush()
 
     def handle(self, line):
-        """Act on one input line; False when the user leaves."""
+        """Act on one input line; False when the user leaves. A line that fails (see TURN_ERRORS) is dropped with
+        the media pending for it, the conversation before it is kept as it was, and the chat goes on."""
+        try:
+            return self.act(line)
+        except TURN_ERRORS as error:
+            self.pending = []
+            self.say(f"\nerror: {error} (message and pending media dropped; the earlier turns are kept)")
+            return True
+
+    def act(self, line):
+        """One input line: a command, or a message to answer."""
         line = line.strip()
         if not line:
             return True
@@ -170,15 +189,12 @@ class ChatSession:
             self.say(f"({kind} added: it goes with your next message)")
 
     def ask(self, text):
-        self.messages.append({"role": "user", "content": [*self.pending, {"type": "text", "text": text}]})
+        """Answer the conversation with this message added; the message and its answer join the conversation only
+        once the answer is complete. The reply gets a copy, so that nothing it does can change the conversation."""
+        question = {"role": "user", "content": [*self.pending, {"type": "text", "text": text}]}
         self.out.write("model> ")
-        try:
-            answer = self.reply(self.messages)
-        except (ValueError, TypeError, OSError) as error:  # e.g. a file that is not a picture: drop that turn
-            self.messages.pop()
-            self.say(f"\nerror: {error} (message and pending media dropped)")
-        else:
-            self.messages.append({"role": "assistant", "content": answer})
+        answer = self.reply(copy.deepcopy([*self.messages, question]))
+        self.messages += [question, {"role": "assistant", "content": answer}]
         self.pending = []
 
 
@@ -186,6 +202,9 @@ def run_chat(pipe, first_media, max_new_tokens):
     session = ChatSession(lambda messages: stream_reply(pipe.model, pipe.processor, messages, max_new_tokens))
     session.pending = list(first_media)
     session.say(f"Chat with the model. {CHAT_HELP}")
+    for stream in (sys.stdin, sys.stdout):  # a byte that is not text must not end the chat: it reads as U+FFFD
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     while True:
         try:
             line = input("you> ")
@@ -233,6 +252,12 @@ def check_arguments(parser, args):
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             parser.error(f"--model {args.model} has no config.json: give the directory of the model that wrote ANSWER")
         return
+    if args.web and (args.question or args.chat or args.eval or media):
+        parser.error("--web serves the chat page: pictures and questions come from the page; drop the other modes")
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be a TCP port (1-65535), got {args.port}")
+    if args.eval is not None and args.eval < 1:
+        parser.error(f"--eval N needs N of at least 1 (questions per task), got {args.eval}")
     if args.chat and (args.question or args.eval):
         parser.error("--chat reads its questions from stdin: drop --question and --eval")
     if media and not args.question and not args.chat:
@@ -253,6 +278,8 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer for --question and --chat")
     parser.add_argument("--eval", type=int, metavar="N", help="evaluate on N fresh questions per task")
     parser.add_argument("--seed", type=int, default=777, help="seed of the --eval questions (training never uses 777)")
+    parser.add_argument("--web", action="store_true", help="serve the chat page on 127.0.0.1 (docs/web.md)")
+    parser.add_argument("--port", type=int, default=7860, help="the chat page's port (with --web)")
     parser.add_argument(
         "--model", default=ROOT,
         help="a qwenvl model directory (default: the repo root); with --ground, the model that wrote ANSWER (its "
@@ -281,6 +308,15 @@ def main(argv=None):
             run_ground(answer, GROUNDING_IMAGE if example else args.image, config, args.max_pixels, args.out)
         except (ValueError, OSError) as error:
             parser.exit(2, f"demo.py: error: {error}\n")
+        return
+    if args.web:
+        import importlib.util
+
+        if importlib.util.find_spec("gradio") is None:
+            parser.exit(2, "demo.py: error: --web needs gradio: run make web, or pip install -r requirements-web.txt\n")
+        import web_demo
+
+        web_demo.serve(model_dir=args.model, port=args.port)
         return
     pipe = load_pipeline(args.model)
     kind, source = ("image", args.image) if args.image else ("video", args.video)

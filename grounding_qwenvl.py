@@ -27,10 +27,12 @@ never mistaken for "nothing found".
 `Image.size`.
 """
 
+import bisect
 import json
 import math
 import numbers
 import re
+from array import array
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,9 +51,18 @@ QWEN2_SCALE = 1000  # Qwen2-VL's coordinates are in [0, 1000) of each side
 GROUNDING_KEYS = ("bbox_2d", "point_2d")
 GROUNDING_KEY = re.compile(r"\b(?:bbox_2d|point_2d)\b")
 JSON_START = re.compile(r"[\[{]")
-QWEN2_MARKUP = re.compile(
-    r"<\|object_ref_start\|>(?P<label>.*?)<\|object_ref_end\|>|<\|box_start\|>(?P<box>.*?)<\|box_end\|>", re.S
+# One JSON token after optional whitespace, exactly as json.JSONDecoder (strict, the default) reads them: ASCII digits
+# only, no control characters inside strings, NaN and (-)Infinity allowed. A character-by-character string body, so
+# that a string that never closes fails in linear time (no nested quantifier to backtrack through).
+JSON_TOKEN = re.compile(
+    r'[ \t\n\r]*(?:(?P<punctuation>[\[\]{},:])'
+    r'|(?P<string>"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")'
+    r"|(?P<scalar>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null|NaN|-?Infinity))"
 )
+JSON_DECODER = json.JSONDecoder()
+# Qwen2-VL's markup: an object reference or a box, each from its opening to the first closing marker after it.
+QWEN2_OPENING = re.compile(r"<\|(?P<kind>object_ref|box)_start\|>")
+QWEN2_CLOSING = {"object_ref": "<|object_ref_end|>", "box": "<|box_end|>"}
 ADJACENT = re.compile(r"[\s,;]*")
 NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 QWEN2_BOX = re.compile(rf"^\s*\({NUMBER},{NUMBER}\)\s*,\s*\({NUMBER},{NUMBER}\)\s*$")
@@ -98,16 +109,16 @@ def parse_qwen2(text):
     if text.count("<|box_start|>") != text.count("<|box_end|>"):
         raise ValueError(f"the answer has an unclosed <|box_start|> (truncated output?): {_excerpt(text)}")
     objects, label, previous_end = [], "", 0
-    for match in QWEN2_MARKUP.finditer(text):
-        if not ADJACENT.fullmatch(text, previous_end, match.start()):
+    for kind, inside, start, end in _qwen2_markup(text):
+        if not ADJACENT.fullmatch(text, previous_end, start):
             label = ""  # words between: this box belongs to no reference
-        previous_end = match.end()
-        if match.group("box") is None:
-            label = match.group("label").strip()
+        previous_end = end
+        if kind == "object_ref":
+            label = inside.strip()
             continue
-        corners = QWEN2_BOX.match(match.group("box"))
+        corners = QWEN2_BOX.match(inside)
         if corners is None:
-            raise ValueError(f"a Qwen2-VL box must read (x1,y1),(x2,y2), got {match.group('box')!r}")
+            raise ValueError(f"a Qwen2-VL box must read (x1,y1),(x2,y2), got {_excerpt(inside)}")
         objects.append(GroundedObject(label, box=_ordered_box([float(v) for v in corners.groups()])))
     if len(objects) != text.count("<|box_start|>"):
         raise ValueError(f"a <|box_start|> is not followed by its <|box_end|>: {_excerpt(text)}")
@@ -227,24 +238,133 @@ def _draw_label(draw, label, anchor, colour, font):
 
 
 def _json_values(text):
-    """Every JSON object or array in `text`, left to right, skipping text that is not JSON."""
-    decoder, values, position = json.JSONDecoder(), [], 0
-    while (start := JSON_START.search(text, position)) is not None:
-        try:
-            value, position = decoder.raw_decode(text, start.start())
-            values.append(value)
-        except json.JSONDecodeError:
-            position = start.start() + 1  # not JSON from here: look for the next opening bracket
+    """Every JSON object or array in `text` that mentions bbox_2d or point_2d, left to right, skipping text that is
+    not JSON and JSON without grounding (which is never decoded).
+
+    Linear in the length of the text. Trying json's decoder at every bracket is not: each try reads on as far as the
+    text looks like JSON, and each failure counts the lines before its position, so a long answer full of brackets
+    took minutes. `_JsonExtents` finds where each value ends in one pass; only complete values reach the decoder.
+    """
+    extents, values, position = _JsonExtents(text), [], 0
+    while (bracket := JSON_START.search(text, position)) is not None:
+        start = bracket.start()
+        end = extents.end(start)
+        if end is None:
+            position = start + 1  # not JSON from here: look for the next opening bracket
+            continue
+        if GROUNDING_KEY.search(text, start, end):
+            values.append(_decode(text, start))
+        position = end
     return values
 
 
+# What `_JsonExtents` knows of a position: not read yet, or no JSON value starts there (else: where the value ends).
+UNREAD, NOT_JSON = -2, -1
+
+
+class _JsonExtents:
+    """Where the JSON array or object that starts at a position of `text` ends, asked for any number of positions.
+
+    Every container met while reading one is remembered (its end, or that it is not JSON: a JSON value reads the same
+    whoever contains it), so asking again about a position inside one already read costs nothing, and no stretch of
+    text is read more than a few times over all the questions. Open containers are kept on an explicit stack, so any
+    depth of nesting is read without recursion. The grammar is that of `JSON_TOKEN` and json.JSONDecoder.
+    """
+
+    def __init__(self, text):
+        self.text = text
+        # One slot per position, in an array: a dict holding the same would take ten times the memory.
+        self.ends = array("q", [UNREAD]) * (len(text) + 1)
+
+    def end(self, start):
+        """Where the value that starts at `start` (a "[" or "{") ends (exclusive), or None if it is not JSON."""
+        if self.ends[start] == UNREAD:
+            self._read(start)
+        return None if self.ends[start] == NOT_JSON else self.ends[start]
+
+    def _read(self, start):
+        """Read the container at `start` token by token, noting in `ends` every container met."""
+        text, ends = self.text, self.ends
+        open_at = [start]  # positions of the containers being read, innermost last
+        expect, position = _after_opening(text[start]), start + 1
+        while open_at:
+            token = JSON_TOKEN.match(text, position)
+            if token is None:
+                break
+            kind = token.lastgroup
+            value, at, position = token.group(kind), token.start(kind), token.end()
+            closing = "]" if text[open_at[-1]] == "[" else "}"
+            punctuation = value if kind == "punctuation" else None
+            if punctuation == closing and expect in ("value or close", "key or close", "comma or close"):
+                ends[open_at.pop()] = position
+                expect = "comma or close"
+            elif punctuation == "," and expect == "comma or close":
+                expect = "value" if closing == "]" else "key"
+            elif punctuation == ":" and expect == "colon":
+                expect = "value"
+            elif kind == "string" and expect in ("key", "key or close"):
+                expect = "colon"
+            elif kind != "punctuation" and expect in ("value", "value or close"):
+                expect = "comma or close"
+            elif punctuation in ("[", "{") and expect in ("value", "value or close"):
+                if ends[at] == NOT_JSON:
+                    break
+                if ends[at] == UNREAD:
+                    open_at.append(at)
+                    expect = _after_opening(punctuation)
+                else:  # read before, from another start: skip it
+                    position, expect = ends[at], "comma or close"
+            else:
+                break
+        for at in open_at:  # the text ended, or a token that JSON does not allow there: none of these is JSON
+            ends[at] = NOT_JSON
+
+
+def _after_opening(bracket):
+    return "value or close" if bracket == "[" else "key or close"
+
+
+def _decode(text, start):
+    """The JSON value at `start`, known to be complete. One nested deeper than json's decoder can go (it recurses)
+    is refused with a ValueError, as every unreadable answer is, not json's RecursionError."""
+    try:
+        return JSON_DECODER.raw_decode(text, start)[0]
+    except RecursionError:
+        raise ValueError(f"the answer holds JSON nested too deeply to read: {_excerpt(text)}") from None
+
+
 def _grounding_dicts(values):
-    """The dicts with a bbox_2d or point_2d among JSON values, lists included, in order."""
-    for value in values:
+    """The dicts with a bbox_2d or point_2d among JSON values, lists included, in order. An explicit stack rather
+    than recursion: lists nest as deeply as json's decoder reads them, which is deeper than Python recursion allows
+    here."""
+    pending = list(reversed(values))
+    while pending:
+        value = pending.pop()
         if isinstance(value, list):
-            yield from _grounding_dicts(value)
+            pending.extend(reversed(value))
         elif isinstance(value, dict) and any(key in value for key in GROUNDING_KEYS):
             yield value
+
+
+def _qwen2_markup(text):
+    """Each object reference and box in `text`, in order, as (kind, what is inside, start, end): from an opening
+    marker to the first closing marker of its kind after it; an opening marker that is never closed is plain text.
+
+    What the regex `<|object_ref_start|>(.*?)<|object_ref_end|>|<|box_start|>(.*?)<|box_end|>` finds, in linear
+    time: that regex reads to the end of the text again for every opening marker that is never closed.
+    """
+    closings = {kind: [m.start() for m in re.finditer(re.escape(marker), text)] for kind, marker in QWEN2_CLOSING.items()}
+    position = 0
+    for opening in QWEN2_OPENING.finditer(text):
+        if opening.start() < position:
+            continue  # inside the previous reference or box
+        kind = opening.group("kind")
+        later = bisect.bisect_left(closings[kind], opening.end())
+        if later == len(closings[kind]):
+            continue  # never closed
+        closing = closings[kind][later]
+        position = closing + len(QWEN2_CLOSING[kind])
+        yield kind, text[opening.end():closing], opening.start(), position
 
 
 def _object_from_json(item, index):

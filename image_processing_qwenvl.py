@@ -4,7 +4,8 @@ Data flow, in the order of this file:
 
 1. ``smart_resize`` picks the size an image is resized to: both sides multiples of 28 (patch 14 x merge 2),
    the pixel count inside ``[min_pixels, max_pixels]``, the aspect ratio kept as well as possible.
-2. ``load_image`` turns anything that names or holds a picture into an RGB ``PIL.Image``.
+2. ``load_image`` turns anything that names or holds a picture into an RGB ``PIL.Image``; http(s) URLs are fetched
+   under a ``FetchPolicy``.
 3. ``smart_nframes``, ``sample_frame_indices`` and ``load_video`` pick, decode and resize video frames the way
    qwen-vl-utils does (same frame indices, same sampled fps, same sizes).
 4. ``QwenVLImageProcessor`` resizes, rescales, normalizes and cuts images and videos into patch rows:
@@ -13,17 +14,35 @@ Data flow, in the order of this file:
 The pixel values are bit-identical to transformers' ``Qwen2VLImageProcessorPil`` (PIL bicubic resize, float64
 rescale rounded to float32, float32 normalize). The work is ordered for speed: the patch layout is built on the
 uint8 pixels, and rescale + normalize become one lookup in a 256-entry table per channel.
+
+Resource limits (a request names its media, so it must not be able to ask for unbounded work):
+
+- Remote fetching: ``FetchPolicy`` (module default ``FETCH_POLICY``): a total deadline, a byte cap, same-host
+  redirects only. The environment variable ``QWENVL_REMOTE_MEDIA=0`` turns fetching off for servers.
+- Per-item options (``min_pixels``, ``max_pixels``, ``resized_height`` / ``resized_width``, ``total_pixels``) are
+  clamped to the processor's ``max_pixels`` for images and to the video bounds (``VIDEO_MAX_PIXELS`` per frame,
+  ``VIDEO_TOTAL_PIXELS`` for a whole video) unless ``allow_larger_items`` is set.
+- Decoding holds at most one picture or video frame at full size: pictures are decoded or reduced straight to
+  little more than their target size, video frames are resized as they are decoded. Frames larger than PIL lets
+  a picture be (``PIL.Image.MAX_IMAGE_PIXELS``), more than ``MAX_FRAMES`` frames, and frame rates under
+  ``MIN_FPS`` are refused.
 """
 
 import base64
 import binascii
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
 import io
 import math
 import numbers
 import os
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import PIL.Image
@@ -51,14 +70,23 @@ IMAGE_MAX_TOKENS = 16384
 VIDEO_MIN_PIXELS = 128 * IMAGE_FACTOR * IMAGE_FACTOR
 VIDEO_MAX_PIXELS = 768 * IMAGE_FACTOR * IMAGE_FACTOR
 # qwen-vl-utils budgets all frames of a video together to 90% of a 128k-token sequence (it reads the length from
-# the MODEL_SEQ_LEN environment variable; here it is a constant, pass total_pixels to change it).
+# the MODEL_SEQ_LEN environment variable; here it is a constant, pass total_pixels to change it). The budget counts
+# pixels of frame pairs (one temporal patch): the frames themselves may hold FRAME_FACTOR times as many.
 VIDEO_TOTAL_PIXELS = 128000 * IMAGE_FACTOR * IMAGE_FACTOR * 0.9
 FRAME_FACTOR = 2  # sampled frame counts are even, so frames pair up into temporal patches
 DEFAULT_FPS = 2.0
 MIN_FRAMES = 4
 MAX_FRAMES = 768
 
-URL_TIMEOUT_S = 10
+# The slowest frame rate accepted: one frame per hour. The rate sets each temporal patch's duration
+# (temporal_patch_size / fps seconds), which the model turns into time positions. At this rate MAX_FRAMES frames
+# span 384 patches of 2 hours, i.e. time positions up to 383 * 7200 s * 2 (Qwen2.5-VL's tokens_per_second) = 5.5
+# million: still exact in float32 (below 2**24 = 16.8 million), where fps=1e-30 would give 1e33. And a clip sampled
+# more sparsely than once an hour is no longer a video in the sense the model was trained on (2 fps).
+MIN_FPS = 1 / 3600
+
+# Error messages show at most about this many characters of an input (a data URI or a path can be megabytes).
+ECHO_CHARS = 100
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,9 +94,27 @@ URL_TIMEOUT_S = 10
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _clip_text(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` cut to about ``limit`` characters, keeping its start and end (where a URL or path says the most)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit * 2 // 3]}...{text[-(limit // 4):]} ({len(text)} characters)"
+
+
+def _short(value) -> str:
+    """``repr(value)`` cut to about ``ECHO_CHARS`` characters: how every error message echoes an input."""
+    return _clip_text(repr(value))
+
+
+def _cause(error: BaseException) -> str:
+    """The text of an underlying error, cut like an echoed input but longer: it says what went wrong, and may quote
+    the input (FFmpeg repeats the path) or a server's words."""
+    return _clip_text(str(error), 3 * ECHO_CHARS)
+
+
 def _check_positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{name} must be an integer, got {_short(value)} ({type(value).__name__})")
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
     return int(value)
@@ -76,7 +122,7 @@ def _check_positive_int(value, name):
 
 def _check_positive_number(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{name} must be a number, got {_short(value)} ({type(value).__name__})")
     if not 0 < value < math.inf:
         raise ValueError(f"{name} must be positive and finite, got {value}")
     return value
@@ -93,24 +139,37 @@ def _check_pixel_bounds(min_pixels, max_pixels, check=_check_positive_number) ->
 
 
 def check_fps(fps=None) -> float:
-    """Frames per second as a float: ``DEFAULT_FPS`` for None, else a positive finite number (ValueError if not).
+    """Frames per second as a float: ``DEFAULT_FPS`` for None, else a finite number of at least ``MIN_FPS`` (one
+    frame per hour; see there why), else ValueError.
 
     The one check of ``fps``, for ``smart_nframes``, ``load_video`` and the processor alike.
     """
     if fps is None:
         return DEFAULT_FPS
-    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 0 < fps < math.inf:
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not MIN_FPS <= fps < math.inf:
+        raise ValueError(
+            f"fps must be a positive number of at least MIN_FPS = 1/3600 (one frame per hour), got {_short(fps)}"
+        )
     return float(fps)
 
 
 def _check_frame_rate(fps, nframes) -> tuple[Optional[float], Optional[int]]:
     """``(fps, nframes)`` of a request for frames: ``nframes`` alone, or ``fps`` (default ``DEFAULT_FPS``)."""
     if fps is not None and nframes is not None:
-        raise ValueError(f"give either fps ({fps}) or nframes ({nframes}), not both")
+        raise ValueError(f"give either fps ({_short(fps)}) or nframes ({_short(nframes)}), not both")
     if nframes is not None:
         return None, _check_positive_int(nframes, "nframes")
     return check_fps(fps), None
+
+
+def _check_seconds(value, name) -> Optional[float]:
+    """A time in the clip (video_start, video_end): None or a number that is not NaN (out-of-range times are
+    clamped to the clip, as in qwen-vl-utils)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise TypeError(f"{name} must be a number of seconds, got {_short(value)} ({type(value).__name__})")
+    return float(value)
 
 
 def _check_resized_size(resized_height, resized_width) -> None:
@@ -169,46 +228,243 @@ def smart_resize(
 # 2. Loading images
 # ---------------------------------------------------------------------------------------------------------------
 
+# Setting this environment variable to 0 / off / false / no refuses every http(s) URL, whatever the policy says:
+# the switch for a server, where a request must not make it fetch what the request names.
+REMOTE_MEDIA_ENV = "QWENVL_REMOTE_MEDIA"
+_REDIRECT_RULES = ("same-host", "any", "none")
 
-def _fetch_url(url: str) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
-            return response.read()
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise ValueError(f"could not fetch {url!r} (is the network reachable?): {err}") from err
+
+@dataclasses.dataclass(frozen=True)
+class FetchPolicy:
+    """How http(s) URLs of pictures and videos are fetched.
+
+    enabled: False refuses every http(s) URL without connecting. The environment variable ``QWENVL_REMOTE_MEDIA=0``
+        (or off / false / no) does the same whatever the policy says: the switch for servers.
+    deadline_s: the whole fetch (name lookup, connection, redirects, body) must finish within this many seconds.
+        A per-read socket timeout cannot bound it: a server that sends one byte every few seconds never trips it.
+    max_bytes: the largest body accepted; a longer one is refused as soon as it passes the cap (or at once when its
+        Content-Length says so), so a server that never stops sending cannot fill the memory.
+    redirects: "same-host" (default: only to the same host name, over http(s), never from https down to http),
+        "any" (any http(s) URL) or "none".
+    max_redirects: how many redirects one fetch may follow.
+
+    The module default is ``FETCH_POLICY``; replace it (``image_processing_qwenvl.FETCH_POLICY = FetchPolicy(...)``)
+    or pass ``fetch_policy=`` to ``load_image`` / ``load_video``. A refused or failed fetch is a ValueError that
+    names the URL (shortened).
+    """
+
+    enabled: bool = True
+    deadline_s: float = 20.0
+    max_bytes: int = 64 * 2**20
+    redirects: str = "same-host"
+    max_redirects: int = 5
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise TypeError(f"FetchPolicy.enabled must be True or False, got {_short(self.enabled)}")
+        _check_positive_number(self.deadline_s, "FetchPolicy.deadline_s")
+        _check_positive_int(self.max_bytes, "FetchPolicy.max_bytes")
+        if self.redirects not in _REDIRECT_RULES:
+            raise ValueError(f"FetchPolicy.redirects must be one of {_REDIRECT_RULES}, got {_short(self.redirects)}")
+        if isinstance(self.max_redirects, bool) or not isinstance(self.max_redirects, int) or self.max_redirects < 0:
+            raise ValueError(
+                f"FetchPolicy.max_redirects must be a non-negative integer, got {_short(self.max_redirects)}"
+            )
+
+
+FETCH_POLICY = FetchPolicy()
+
+
+def _remote_fetching_allowed(policy: FetchPolicy) -> bool:
+    switch = os.environ.get(REMOTE_MEDIA_ENV, "").strip().lower()
+    return policy.enabled and switch not in ("0", "off", "false", "no")
+
+
+def _redirect_refusal(origin: urllib.parse.SplitResult, target: str, policy: FetchPolicy, count: int):
+    """Why ``policy`` refuses the ``count``-th redirect of a fetch of ``origin`` to ``target``; None if it allows it."""
+    if policy.redirects == "none":
+        return "FetchPolicy.redirects is 'none'"
+    if count > policy.max_redirects:
+        return f"more than FetchPolicy.max_redirects ({policy.max_redirects}) redirects"
+    parts = urllib.parse.urlsplit(target)
+    if parts.scheme not in ("http", "https"):
+        return "only http(s) URLs are fetched"
+    if policy.redirects == "same-host":
+        if (parts.hostname or "").lower() != (origin.hostname or "").lower():
+            return "it leads to another host (FetchPolicy.redirects is 'same-host')"
+        if origin.scheme == "https" and parts.scheme == "http":
+            return "it leads from https down to http"
+    return None
+
+
+class _RedirectGuard(urllib.request.HTTPRedirectHandler):
+    """urllib's redirect handling, with each redirect checked against a FetchPolicy first."""
+
+    def __init__(self, url: str, policy: FetchPolicy):
+        self.origin = urllib.parse.urlsplit(url)
+        self.policy = policy
+        self.count = 0
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.count += 1
+        refusal = _redirect_refusal(self.origin, newurl, self.policy, self.count)
+        if refusal is not None:
+            fp.close()
+            raise ValueError(f"the redirect to {_short(newurl)} was refused: {refusal}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _download(url: str, policy: FetchPolicy, cancelled: threading.Event) -> bytes:
+    """The body of ``url``, read chunk by chunk up to ``policy.max_bytes``; stops early once ``cancelled`` is set."""
+    opener = urllib.request.build_opener(_RedirectGuard(url, policy))
+    # The socket timeout bounds each wait of this worker, so that it ends soon after the caller gave up on it.
+    with opener.open(url, timeout=policy.deadline_s) as response:
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > policy.max_bytes:
+            raise ValueError(f"its Content-Length {declared} is over FetchPolicy.max_bytes ({policy.max_bytes})")
+        body = bytearray()
+        while not cancelled.is_set():
+            chunk = response.read1(1 << 16)  # at most one socket read, so the cancel flag is seen between reads
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if len(body) > policy.max_bytes:
+                raise ValueError(f"the body passed FetchPolicy.max_bytes ({policy.max_bytes} bytes)")
+    return b""  # cancelled: nobody reads this
+
+
+def _fetch_url(url: str, policy: Optional[FetchPolicy] = None) -> bytes:
+    """The body of an http(s) URL under ``policy`` (default ``FETCH_POLICY``); ValueError naming the URL if not.
+
+    The download runs in a worker thread and the caller waits at most ``deadline_s`` for it: only a thread can
+    bound the whole fetch, name lookup included, which no socket timeout covers. A worker left behind stops at its
+    next read (or its socket timeout) and holds at most ``max_bytes``.
+    """
+    policy = FETCH_POLICY if policy is None else policy
+    if not _remote_fetching_allowed(policy):
+        raise ValueError(
+            f"remote fetching is turned off (FetchPolicy.enabled / {REMOTE_MEDIA_ENV}), so {_short(url)} was not "
+            "fetched; pass the picture or video itself"
+        )
+    outcome, cancelled = {}, threading.Event()
+
+    def work():
+        try:
+            outcome["body"] = _download(url, policy, cancelled)
+        except Exception as err:  # handed to the caller, which raises it as a ValueError
+            outcome["error"] = err
+
+    worker = threading.Thread(target=work, name="qwenvl-fetch", daemon=True)
+    worker.start()
+    worker.join(policy.deadline_s)
+    if worker.is_alive():
+        cancelled.set()
+        raise ValueError(
+            f"could not fetch {_short(url)}: not done within FetchPolicy.deadline_s ({policy.deadline_s} s)"
+        )
+    error = outcome.get("error")
+    if error is not None:
+        # urllib reports unreachable hosts, refused connections and HTTP errors as URLError / OSError
+        hint = " (is the network reachable?)" if isinstance(error, (urllib.error.URLError, OSError)) else ""
+        raise ValueError(f"could not fetch {_short(url)}{hint}: {_cause(error)}") from error
+    return outcome["body"]
 
 
 def _decode_data_uri(uri: str) -> bytes:
     header, sep, payload = uri.partition(",")
     if not sep or not header.endswith(";base64"):
-        raise ValueError(f"only base64 data URIs are supported ('data:image/...;base64,...'), got {uri[:40]!r}...")
+        raise ValueError(f"only base64 data URIs are supported ('data:image/...;base64,...'), got {_short(uri)}")
     try:
         return base64.b64decode(payload, validate=True)
     except binascii.Error as err:
-        raise ValueError(f"data URI {uri[:40]!r}... holds invalid base64: {err}") from err
+        raise ValueError(f"data URI {_short(uri)} holds invalid base64: {err}") from err
 
 
-def _open_image(source: Union[str, bytes], name: str) -> PIL.Image.Image:
-    """Open a path or encoded bytes and decode them now, so a broken file fails here, under its own name."""
-    try:
-        image = PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        image.load()
-    except (OSError, SyntaxError, ValueError) as err:  # PIL reports corrupt and truncated files with these
-        raise ValueError(f"cannot read image {name}: {err}") from err
+def _encoded_source(image, fetch_policy) -> tuple[Union[str, bytes], str]:
+    """``(path or encoded bytes, name for messages)`` of a picture given as a path, URL, data URI or bytes."""
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image), "from bytes"
+    text = os.fspath(image)
+    if text.startswith(("http://", "https://")):
+        return _fetch_url(text, fetch_policy), _short(text)
+    if text.startswith("data:"):
+        if not text.startswith("data:image/"):
+            raise ValueError(f"data URI does not hold an image: {_short(text)}")
+        return _decode_data_uri(text), "from data URI"
+    path = text[len("file://") :] if text.startswith("file://") else text
+    if not os.path.isfile(path):
+        raise ValueError(f"image file not found: {_short(path)}")
+    return path, _short(path)
+
+
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """``image`` turned as its EXIF orientation tag says it is displayed (the tag is then cleared, so that loading
+    the result again does not turn it twice)."""
+    if image.getexif().get(0x0112, 1) != 1:  # 0x0112 is the EXIF orientation tag; 1 means upright
+        return PIL.ImageOps.exif_transpose(image)
     return image
 
 
-def _image_from_string(text: str) -> PIL.Image.Image:
-    if text.startswith(("http://", "https://")):
-        return _open_image(_fetch_url(text), repr(text))
-    if text.startswith("data:"):
-        if not text.startswith("data:image/"):
-            raise ValueError(f"data URI does not hold an image: {text[:40]!r}...")
-        return _open_image(_decode_data_uri(text), "from data URI")
-    path = text[len("file://") :] if text.startswith("file://") else text
-    if not os.path.isfile(path):
-        raise ValueError(f"image file not found: {path!r}")
-    return _open_image(path, repr(path))
+# Pictures are reduced before the resize only while both sides stay at least this many times the target's longer
+# side, so that the final bicubic resize still does nearly all of the filtering. 2 is PIL's own choice for
+# thumbnails (its reducing_gap). Against a resize of the full picture, a 4000x3000 one brought to 504x364 differs by
+# 0.03 levels on average when smooth, 0.3 when noisy, at most 2 levels (4 where JPEG's DCT scaling decodes it);
+# pictures less than twice their target's size are not touched, so results within the bounds stay identical.
+SHRINK_MARGIN = 2
+# Modes Image.reduce averages correctly (a palette image's indices cannot be averaged)
+_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA")
+
+
+def _shrink_factor(size: tuple[int, int], target: tuple[int, int]) -> int:
+    """The integer factor a picture of ``size`` may be shrunk by before its resize to ``target``.
+
+    Sides are compared shortest to longest, so the factor holds whichever way the EXIF tag turns the picture.
+    """
+    return max(1, min(size) // (SHRINK_MARGIN * max(target)))
+
+
+@contextlib.contextmanager
+def _decoding(name: str, size: Optional[tuple[int, int]] = None):
+    """Turn what can go wrong while decoding a picture into the ValueError the contract promises, naming it."""
+    try:
+        yield
+    except PIL.Image.DecompressionBombError as err:  # not an OSError: PIL's limit for pictures (MAX_IMAGE_PIXELS)
+        raise ValueError(f"image {name} is too large to decode: {err}") from err
+    except MemoryError as err:
+        pixels = "" if size is None else f" ({size[1]}x{size[0]} pixels)"
+        raise ValueError(f"not enough memory to decode image {name}{pixels}") from err
+    except (OSError, SyntaxError, ValueError) as err:  # PIL reports corrupt and truncated files with these
+        raise ValueError(f"cannot read image {name}: {err}") from err
+
+
+def _decode_picture(source: Union[str, bytes], name: str, size_for=None) -> tuple[PIL.Image.Image, tuple[int, int]]:
+    """Decode a path or encoded bytes now, so a broken file fails here under its own name: ``(image turned upright
+    by its EXIF tag, (height, width) of the full picture as displayed)``. The picture's mode is kept.
+
+    With ``size_for`` (displayed height, width -> target height, width), a picture far larger than its target is
+    decoded smaller (JPEG: DCT scaling by ``draft``) or reduced right after decoding, before the rotation and the
+    RGB conversion would copy it at full size.
+    """
+    with _decoding(name):
+        image = PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    with _decoding(name, image.size[::-1]):
+        # PIL reads the tag with the header (a PNG whose EXIF follows its pixels is decoded for it)
+        orientation = image.getexif().get(0x0112, 1)
+    turned = orientation in _TRANSPOSING_ORIENTATIONS
+    displayed = (image.width, image.height) if turned else (image.height, image.width)
+    target = None if size_for is None else size_for(*displayed)  # outside _decoding: its errors name their cause
+    with _decoding(name, displayed):
+        if target is not None and _shrink_factor(image.size, target) > 1:
+            factor = _shrink_factor(image.size, target)
+            image.draft(image.mode, (image.width // factor, image.height // factor))  # a no-op except for JPEG
+        image.load()
+        if target is not None and _shrink_factor(image.size, target) > 1 and image.mode in _REDUCIBLE_MODES:
+            image = image.reduce(_shrink_factor(image.size, target))  # the copy keeps the EXIF tag
+        image = _upright(image)
+    return image, displayed
 
 
 def _is_array(value) -> bool:
@@ -308,7 +564,36 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         raise ValueError(f"cannot convert a mode {image.mode!r} image to RGB: {err}") from err
 
 
-def load_image(image) -> PIL.Image.Image:
+def _load_picture(image, size_for=None, resample=PIL.Image.Resampling.BICUBIC, fetch_policy=None) -> PIL.Image.Image:
+    """``load_image``; with ``size_for`` (displayed height, width -> target height, width) the picture is also
+    resized to its target, and an encoded picture far larger than that is decoded smaller (see ``_decode_picture``)
+    so that it is never copied at full size."""
+    if isinstance(image, PIL.Image.Image):
+        rgb = _to_rgb(_upright(image))
+        size = (rgb.height, rgb.width)
+    elif isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        source, name = _encoded_source(image, fetch_policy)
+        # The target comes from the full size, so a picture gets the same size whether or not it was reduced.
+        decoded, size = _decode_picture(source, name, size_for)
+        try:
+            rgb = _to_rgb(decoded)
+        except MemoryError as err:
+            raise ValueError(f"not enough memory to convert image {name} ({size[1]}x{size[0]} pixels)") from err
+    elif _is_array(image):
+        rgb = _to_rgb(_image_from_array(image, channels_first=isinstance(image, torch.Tensor)))
+        size = (rgb.height, rgb.width)
+    else:
+        raise TypeError(
+            f"unsupported image type {type(image).__name__}: pass a PIL image, numpy array, torch tensor, path, "
+            "URL, data URI or bytes"
+        )
+    if size_for is None:
+        return rgb
+    height, width = size_for(*size)
+    return rgb if rgb.size == (width, height) else rgb.resize((width, height), resample)
+
+
+def load_image(image, *, fetch_policy: Optional[FetchPolicy] = None) -> PIL.Image.Image:
     """Return ``image`` as an RGB ``PIL.Image``.
 
     Accepts:
@@ -318,35 +603,27 @@ def load_image(image) -> PIL.Image.Image:
       float in [0, 1] / bool / other integers holding 0-255. When both layouts fit, numpy arrays are read as
       (H, W, C) and tensors as (C, H, W);
     - a file path (``str`` or ``os.PathLike``), a ``file://`` path, a ``data:image/...;base64,...`` URI, an
-      ``http(s)://`` URL (fetched with urllib; offline this is a clear error), or the encoded bytes of a file.
+      ``http(s)://`` URL, or the encoded bytes of a file. URLs are fetched under ``fetch_policy`` (default the
+      module's ``FETCH_POLICY``: 20 s in all, 64 MiB, same-host redirects; ``QWENVL_REMOTE_MEDIA=0`` in the
+      environment turns fetching off).
 
     The EXIF orientation tag is applied (``PIL.ImageOps.exif_transpose``), so a phone photo comes out the way it
     is displayed. The transformers and qwen-vl-utils preprocessors ignore the tag and see such photos sideways.
 
-    Raises ValueError for missing, corrupt or truncated files, NaN pixels and out-of-range values, TypeError for
-    inputs of any other type.
+    Raises ValueError for missing, corrupt, truncated or too large files (over PIL's ``MAX_IMAGE_PIXELS`` limit or
+    the memory), refused or failed fetches, NaN pixels and out-of-range values, TypeError for inputs of any other
+    type. Messages show at most about 100 characters of an input.
     """
-    if isinstance(image, PIL.Image.Image):
-        pil = image
-    elif isinstance(image, (str, os.PathLike)):
-        pil = _image_from_string(os.fspath(image))
-    elif isinstance(image, (bytes, bytearray)):
-        pil = _open_image(bytes(image), "from bytes")
-    elif _is_array(image):
-        return _to_rgb(_image_from_array(image, channels_first=isinstance(image, torch.Tensor)))
-    else:
-        raise TypeError(
-            f"unsupported image type {type(image).__name__}: pass a PIL image, numpy array, torch tensor, path, "
-            "URL, data URI or bytes"
-        )
-    if pil.getexif().get(0x0112, 1) != 1:  # 0x0112 is the EXIF orientation tag; 1 means upright
-        pil = PIL.ImageOps.exif_transpose(pil)
-    return _to_rgb(pil)
+    return _load_picture(image, fetch_policy=fetch_policy)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Videos
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_frame_count_limits(min_frames, max_frames) -> tuple[int, int]:
+    return _check_positive_int(min_frames, "min_frames"), _check_positive_int(max_frames, "max_frames")
 
 
 def smart_nframes(
@@ -363,6 +640,9 @@ def smart_nframes(
     the count is ``duration * fps`` clamped to [min_frames, max_frames] (themselves made even) and to the clip,
     then floored to an even number. The result must lie in [2, total_frames].
     """
+    total_frames = _check_positive_int(total_frames, "total_frames")
+    video_fps = _check_positive_number(video_fps, "video_fps")
+    min_frames, max_frames = _check_frame_count_limits(min_frames, max_frames)
     fps, nframes = _check_frame_rate(fps, nframes)
     if nframes is not None:
         count = round(nframes / FRAME_FACTOR) * FRAME_FACTOR
@@ -381,10 +661,15 @@ def smart_nframes(
 
 def _frame_range(total_frames: int, video_fps: float, video_start, video_end) -> tuple[int, int]:
     """First and last frame index inside [video_start, video_end] seconds, as qwen-vl-utils computes them."""
+    if isinstance(total_frames, bool) or not isinstance(total_frames, numbers.Integral):
+        raise TypeError(f"total_frames must be an integer, got {_short(total_frames)}")
     if total_frames <= 0:
         raise ValueError("the video is empty: it has no frames")
+    if isinstance(video_fps, bool) or not isinstance(video_fps, numbers.Real):
+        raise TypeError(f"the video frame rate must be a number, got {_short(video_fps)}")
     if not video_fps > 0:
         raise ValueError(f"the video frame rate must be positive, got {video_fps}")
+    video_start, video_end = _check_seconds(video_start, "video_start"), _check_seconds(video_end, "video_end")
     if video_start is not None and video_end is not None and video_start >= video_end:
         raise ValueError(f"video_start ({video_start}) must be before video_end ({video_end})")
     duration = total_frames / video_fps
@@ -428,66 +713,195 @@ def _video_max_pixels(frame_count: int, min_pixels, max_pixels, total_pixels) ->
 
     Kept a float, as in qwen-vl-utils: smart_resize's scale factor depends on its fractional part.
     """
-    total_pixels = VIDEO_TOTAL_PIXELS if total_pixels is None else _check_positive_number(total_pixels, "total_pixels")
+    total_pixels = VIDEO_TOTAL_PIXELS if total_pixels is None else total_pixels
     cap = max(min(VIDEO_MAX_PIXELS, total_pixels / frame_count * FRAME_FACTOR), int(min_pixels * 1.05))
     return cap if max_pixels is None else min(max_pixels, cap)
 
 
-def _decode_frames(path: str, fps, nframes, video_start, video_end, min_frames, max_frames):
-    """Decode the sampled frames of a video file with PyAV: (list of uint8 [H, W, 3], sampled fps)."""
+def video_frame_budget(frame_count: int, frames_per_patch: int = FRAME_FACTOR) -> float:
+    """The most pixels a frame may have when ``frame_count`` frames share the video budget: ``VIDEO_TOTAL_PIXELS``
+    per temporal patch of ``frames_per_patch`` frames (the frames of a patch are one token's worth of pixels)."""
+    return VIDEO_TOTAL_PIXELS * frames_per_patch / frame_count
+
+
+def _clamped_video_options(options: dict) -> dict:
+    """An item's pixel options held to the video bounds: min_pixels and max_pixels at most ``VIDEO_MAX_PIXELS``,
+    total_pixels at most ``VIDEO_TOTAL_PIXELS``."""
+    clamped = dict(options)
+    bounds = {"min_pixels": VIDEO_MAX_PIXELS, "max_pixels": VIDEO_MAX_PIXELS, "total_pixels": VIDEO_TOTAL_PIXELS}
+    for name, bound in bounds.items():
+        if clamped[name] is not None:
+            clamped[name] = min(clamped[name], bound)
+    return clamped
+
+
+def _video_frame_size(height, width, frame_count, options: dict, allow_larger_items: bool) -> tuple[int, int]:
+    """Size of the frames of a decoded video (``load_video``'s options), as qwen-vl-utils computes it, within the
+    video bounds.
+
+    qwen-vl-utils gives each frame ``_video_max_pixels``; a request could lift that over the bounds through a large
+    min_pixels (its 1.05 * min_pixels floor wins) or total_pixels, and resized_height / resized_width skip it
+    altogether. Unless ``allow_larger_items``, a frame here holds at most ``VIDEO_MAX_PIXELS`` and
+    ``video_frame_budget(frame_count)``, and a resized size also keeps within the item's own total_pixels.
+    """
+    bound = math.inf if allow_larger_items else min(VIDEO_MAX_PIXELS, video_frame_budget(frame_count))
+    if options["resized_height"] is not None:
+        total = VIDEO_TOTAL_PIXELS if options["total_pixels"] is None else options["total_pixels"]
+        cap = min(IMAGE_MAX_TOKENS * IMAGE_FACTOR**2, total * FRAME_FACTOR / frame_count, bound)
+        low = min(IMAGE_MIN_TOKENS * IMAGE_FACTOR**2, cap)
+        return smart_resize(options["resized_height"], options["resized_width"], min_pixels=low, max_pixels=cap)
+    low = VIDEO_MIN_PIXELS if options["min_pixels"] is None else options["min_pixels"]
+    cap = min(_video_max_pixels(frame_count, low, options["max_pixels"], options["total_pixels"]), bound)
+    return smart_resize(height, width, min_pixels=min(low, cap), max_pixels=cap)
+
+
+def _check_frame_pixels(height: int, width: int, name: str) -> None:
+    """Refuse a video frame larger than PIL lets a picture be (2 * ``PIL.Image.MAX_IMAGE_PIXELS``, read at each call
+    so that raising or clearing it applies to both): one such frame alone holds over half a gigabyte."""
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > 2 * limit:
+        raise ValueError(
+            f"video {name} has frames of {width}x{height} = {width * height} pixels, more than the "
+            f"{2 * limit} that PIL allows a picture (2 * PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+
+
+def _check_sampled_frames(count: int, name: str, allow_larger_items: bool) -> None:
+    if count > MAX_FRAMES and not allow_larger_items:
+        raise ValueError(
+            f"{count} frames of video {name} were asked for, more than MAX_FRAMES ({MAX_FRAMES}), the most the "
+            "official models take (pass allow_larger_items=True to load_video to lift the limit)"
+        )
+
+
+def _import_av():
     try:
         import av
     except ImportError as err:
         raise ImportError("reading video files needs PyAV: pip install av") from err
+    return av
+
+
+def _video_source(video: str, fetch_policy) -> tuple[Union[str, io.BytesIO], str]:
+    """``(what PyAV opens, name for messages)`` of a video file path, ``file://`` path or http(s) URL.
+
+    A URL is fetched whole under the FetchPolicy (deadline, byte cap, redirects) and decoded from memory. Other URL
+    schemes are refused: FFmpeg would open them (rtsp, udp, ftp, ...) with no deadline and no size cap.
+    """
+    if video.startswith(("http://", "https://")):
+        return io.BytesIO(_fetch_url(video, fetch_policy)), _short(video)
+    path = video[len("file://") :] if video.startswith("file://") else video
+    if os.path.isfile(path):
+        return path, _short(path)
+    if "://" in path:
+        raise ValueError(f"cannot read video {_short(video)}: only files and http(s) URLs are read")
+    raise ValueError(f"video file not found: {_short(path)}")
+
+
+# Kept frames are converted and resized by a few worker threads while the main thread decodes: PyAV's colour
+# conversion and PIL's resize release the GIL, and on two cores this cuts a 768-frame load by about a third. At
+# most two frames per worker wait for one, which bounds the full-size frames held at once.
+_FRAME_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _frame_pixels(frame, height: int, width: int) -> np.ndarray:
+    """One decoded frame as uint8 [height, width, 3]: converted to RGB, then PIL bicubic as for pictures."""
+    full = PIL.Image.fromarray(frame.to_ndarray(format="rgb24"))
+    return np.asarray(full.resize((width, height), PIL.Image.Resampling.BICUBIC))
+
+
+def _sampled_indices(container, stream, name: str, sampling: dict, allow_larger_items: bool):
+    """``(indices, sampled fps, frame count of the header)`` of the frames to keep, from the header alone, with the
+    frame count and the header's frame size checked before anything is decoded."""
+    rate = stream.average_rate or stream.guessed_rate
+    total = stream.frames  # the container's frame count, as decord and torchcodec read it
+    if not total:  # some containers (Matroska) do not store it: count the packets, then rewind
+        total = sum(1 for packet in container.demux(stream) if packet.size)
+        container.seek(0)
+    indices, sampled_fps = sample_frame_indices(total, float(rate or 0), **sampling)
+    _check_sampled_frames(len(indices), name, allow_larger_items)
+    if sampled_fps < MIN_FPS:
+        raise ValueError(
+            f"video {name} would be sampled at {sampled_fps:.3g} fps (its header gives {float(rate or 0):.3g}), "
+            "under MIN_FPS = 1/3600 (one frame per hour)"
+        )
+    _check_frame_pixels(stream.codec_context.height, stream.codec_context.width, name)
+    return indices, sampled_fps, total
+
+
+def _decode_frames(source, name: str, sampling: dict, size_for, allow_larger_items: bool):
+    """Decode the sampled frames of a video with PyAV: (uint8 [T, H, W, 3], sampled fps).
+
+    Every kept frame is resized as soon as it is decoded, straight into the output, so memory holds the output and
+    a few full-size frames. ``size_for(frame_count, height, width)`` gives the output size from the first kept
+    frame.
+    """
+    av = _import_av()
     try:
-        container = av.open(path, timeout=URL_TIMEOUT_S)
+        container = av.open(source)
     except (OSError, av.FFmpegError) as err:
-        raise ValueError(f"cannot open video {path!r}: {err}") from err
-    with container:
+        raise ValueError(f"cannot open video {name}: {_cause(err)}") from err
+    with container, concurrent.futures.ThreadPoolExecutor(_FRAME_WORKERS) as pool:
         if not container.streams.video:
-            raise ValueError(f"{path!r} has no video stream")
+            raise ValueError(f"video {name} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate
-        total = stream.frames  # the container's frame count, as decord and torchcodec read it
-        if not total:  # some containers (Matroska) do not store it: count the packets, then rewind
-            total = sum(1 for packet in container.demux(stream) if packet.size)
-            container.seek(0)
-        indices, sampled_fps = sample_frame_indices(
-            total, float(rate or 0), fps, nframes, video_start, video_end, min_frames, max_frames
-        )
-        wanted, picked = set(indices), {}
+        indices, sampled_fps, total = _sampled_indices(container, stream, name, sampling, allow_larger_items)
+        rows = {}  # frame position -> the output rows that show it
+        for row, index in enumerate(indices):
+            rows.setdefault(index, []).append(row)
+        frames, pending, kept = None, collections.deque(), 0
+
+        def store(position, frame):
+            frames[rows[position]] = _frame_pixels(frame, *frames.shape[1:3])
+
         try:
             for position, frame in enumerate(container.decode(stream)):
-                if position in wanted:
-                    picked[position] = frame.to_ndarray(format="rgb24")
+                if position in rows:
+                    if frames is None:
+                        _check_frame_pixels(frame.height, frame.width, name)
+                        height, width = size_for(len(indices), frame.height, frame.width)
+                        frames = np.empty((len(indices), height, width, 3), np.uint8)
+                    pending.append(pool.submit(store, position, frame))
+                    kept += 1
+                    if len(pending) > 2 * _FRAME_WORKERS:
+                        pending.popleft().result()
                 if position >= indices[-1]:
                     break
+            for job in pending:
+                job.result()  # raises what a worker raised
         except av.FFmpegError as err:
-            raise ValueError(f"cannot decode video {path!r}: {err}") from err
-    if len(picked) < len(wanted):
-        raise ValueError(f"video {path!r} ended before frame {indices[-1]} although its header lists {total} frames")
-    return [picked[index] for index in indices], sampled_fps
+            raise ValueError(f"cannot decode video {name}: {_cause(err)}") from err
+        except MemoryError as err:
+            raise ValueError(f"not enough memory to decode {len(indices)} frames of video {name}") from err
+    if kept < len(rows):
+        raise ValueError(f"video {name} ended before frame {indices[-1]} although its header lists {total} frames")
+    return frames, sampled_fps
 
 
-def _video_source_path(video: str) -> str:
-    path = video[len("file://") :] if video.startswith("file://") else video
-    if "://" not in path and not os.path.isfile(path):
-        raise ValueError(f"video file not found: {path!r}")
-    return path
+def _load_clip(frames: list, size_for, length: int, resample=PIL.Image.Resampling.BICUBIC) -> np.ndarray:
+    """The frames of a video given as pictures, loaded one at a time and each resized at once: uint8 [length, H, W,
+    3], the last frame repeated up to ``length``.
 
+    ``size_for(height, width)`` of the first frame gives the size; every frame must have the first one's size. Only
+    one frame is held at full size at a time.
+    """
+    first = load_image(frames[0])
+    size = (first.height, first.width)
+    height, width = size_for(*size)
 
-def _frame_size(frames: list[PIL.Image.Image]) -> tuple[int, int]:
-    """(height, width) of a video's frames, which must all have the same size."""
-    sizes = {(frame.height, frame.width) for frame in frames}
-    if len(sizes) > 1:
-        raise ValueError(f"all frames of a video must have the same size, got {sorted(sizes)}")
-    return sizes.pop()
+    def same_size(frame_height, frame_width):
+        if (frame_height, frame_width) != size:
+            raise ValueError(
+                f"all frames of a video must have the same size, got {sorted({size, (frame_height, frame_width)})}"
+            )
+        return height, width
 
-
-def _resize_frames(frames: list[PIL.Image.Image], height: int, width: int) -> np.ndarray:
-    resized = [frame.resize((width, height), PIL.Image.Resampling.BICUBIC) for frame in frames]
-    return np.stack([np.asarray(frame) for frame in resized])
+    out = np.empty((length, height, width, 3), np.uint8)
+    for row, frame in enumerate(frames):
+        out[row] = np.asarray(_load_picture(first if row == 0 else frame, same_size, resample))
+    out[len(frames) :] = out[len(frames) - 1]
+    return out
 
 
 def load_video(
@@ -503,12 +917,16 @@ def load_video(
     max_frames: int = MAX_FRAMES,
     resized_height: Optional[int] = None,
     resized_width: Optional[int] = None,
+    *,
+    allow_larger_items: bool = False,
+    fetch_policy: Optional[FetchPolicy] = None,
 ) -> tuple[np.ndarray, float]:
     """Read, sample and resize a video as qwen-vl-utils' ``fetch_video`` does: ``(frames uint8 [T, H, W, 3], fps)``.
 
-    ``video`` is a file path (or ``file://`` path), decoded with PyAV, or a list of frames (anything
-    ``load_image`` takes) / a 4-D array or tensor, taken as already sampled at ``fps`` (default 2.0). As in
-    qwen-vl-utils 0.0.14, a frame list's size passes through a first rounding to multiples of 56 (see below).
+    ``video`` is a file path (or ``file://`` path) or an http(s) URL (fetched under ``fetch_policy``, see
+    ``FetchPolicy``), decoded with PyAV, or a list of frames (anything ``load_image`` takes) / a 4-D array or
+    tensor, taken as already sampled at ``fps`` (default 2.0). As in qwen-vl-utils 0.0.14, a frame list's size
+    passes through a first rounding to multiples of 56 (see below).
 
     For a file, ``smart_nframes`` frames (``fps`` default 2.0, or ``nframes``; not both) are taken between
     ``video_start`` and ``video_end`` seconds at the same indices as qwen-vl-utils, and the returned fps is the
@@ -517,41 +935,67 @@ def load_video(
 
     Frames are resized to ``smart_resize`` of their size with per-frame bounds ``min_pixels`` (default
     128*28*28) and ``max_pixels`` (default 768*28*28, lowered so all frames fit ``total_pixels``), or to
-    ``resized_height`` x ``resized_width`` rounded by ``smart_resize``; the sizes equal qwen-vl-utils'. The
-    resize is PIL bicubic; qwen-vl-utils uses torchvision's antialiased bicubic on tensors, whose pixel values can
-    differ by a few levels.
+    ``resized_height`` x ``resized_width`` rounded by ``smart_resize`` (and lowered, too, to fit ``total_pixels``);
+    the sizes equal qwen-vl-utils'. The resize is PIL bicubic; qwen-vl-utils uses torchvision's antialiased bicubic
+    on tensors, whose pixel values can differ by a few levels.
+
+    Limits: each frame is resized as it is decoded, so memory holds little more than the output. Unless
+    ``allow_larger_items``, the options cannot take a frame over ``VIDEO_MAX_PIXELS`` or all frames over
+    ``VIDEO_TOTAL_PIXELS`` (per frame pair), and a file gives at most ``MAX_FRAMES`` frames (``max_frames`` is
+    clamped to it, an ``nframes`` above it is a ValueError).
+    Always: frames over PIL's picture limit (2 * ``PIL.Image.MAX_IMAGE_PIXELS``) and an fps under ``MIN_FPS`` are
+    refused with a ValueError.
     """
     _check_resized_size(resized_height, resized_width)
     fps, nframes = _check_frame_rate(fps, nframes)  # checked here too so that it fails before any decoding
     _check_pixel_bounds(min_pixels, max_pixels)
+    if total_pixels is not None:
+        _check_positive_number(total_pixels, "total_pixels")
+    if resized_height is not None:
+        smart_resize(resized_height, resized_width)  # fails early on a bad size
+    min_frames, max_frames = _check_frame_count_limits(min_frames, max_frames)
+    if not isinstance(allow_larger_items, bool):
+        raise TypeError(f"allow_larger_items must be True or False, got {_short(allow_larger_items)}")
+    if not allow_larger_items:
+        max_frames = min(max_frames, MAX_FRAMES)
+    options = dict(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        total_pixels=total_pixels,
+        resized_height=resized_height,
+        resized_width=resized_width,
+    )
+    if not allow_larger_items:
+        options = _clamped_video_options(options)
+    min_pixels, max_pixels = options["min_pixels"], options["max_pixels"]
 
     if isinstance(video, (str, os.PathLike)):
-        arrays, sampled_fps = _decode_frames(
-            _video_source_path(os.fspath(video)), fps, nframes, video_start, video_end, min_frames, max_frames
+        source, name = _video_source(os.fspath(video), fetch_policy)
+        sampling = dict(
+            fps=fps, nframes=nframes, video_start=video_start, video_end=video_end, min_frames=min_frames,
+            max_frames=max_frames,
         )
-        frames = [PIL.Image.fromarray(array) for array in arrays]
-        height, width = frames[0].height, frames[0].width
-    else:
-        if nframes is not None or video_start is not None or video_end is not None:
-            raise ValueError("nframes, video_start and video_end apply to video files; a frame list is used whole")
-        frames = [load_image(frame) for frame in _frames_of(video)]
-        sampled_fps = fps
-        frames += frames[-1:] * (-len(frames) % FRAME_FACTOR)
+
+        def size_for(frame_count, height, width):
+            return _video_frame_size(height, width, frame_count, options, allow_larger_items)
+
+        return _decode_frames(source, name, sampling, size_for, allow_larger_items)
+
+    if nframes is not None or video_start is not None or video_end is not None:
+        raise ValueError("nframes, video_start and video_end apply to video files; a frame list is used whole")
+    frame_list = _frames_of(video)
+    length = len(frame_list) + (-len(frame_list) % FRAME_FACTOR)
+
+    def size_for_list(height, width):
         # qwen-vl-utils (0.0.14) first resizes each frame as an image, then the stack as a video. Its first pass
         # rounds to multiples of 56, not 28 (it hands the factor 28 to fetch_image as the patch size, which
-        # fetch_image doubles), with image pixel bounds. The size is computed the same way here, to match it;
-        # the pixels are resized once, from the original frames.
-        height, width = _frame_size(frames)
+        # fetch_image doubles), with image pixel bounds. The size is computed the same way here, to match it; the
+        # pixels are resized once, from the original frames.
         if resized_height is None:
             height, width = smart_resize(height, width, 2 * IMAGE_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
+        return _video_frame_size(height, width, length, options, allow_larger_items)
 
-    if resized_height is not None:
-        height, width = smart_resize(resized_height, resized_width)
-    else:
-        min_pixels = VIDEO_MIN_PIXELS if min_pixels is None else min_pixels
-        cap = _video_max_pixels(len(frames), min_pixels, max_pixels, total_pixels)
-        height, width = smart_resize(height, width, min_pixels=min_pixels, max_pixels=cap)
-    return _resize_frames(frames, height, width), sampled_fps
+    return _load_clip(frame_list, size_for_list, length), fps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -688,6 +1132,7 @@ class QwenVLImageProcessorKwargs(ImagesKwargs, total=False):
     patch_size: int
     temporal_patch_size: int
     merge_size: int
+    allow_larger_items: bool
 
 
 # Keys that configs saved by transformers (any version) may hold but that do not affect this processor. Listed
@@ -786,6 +1231,13 @@ class QwenVLImageProcessor(BaseImageProcessor):
     1003520). ``size={"shortest_edge": min_pixels, "longest_edge": max_pixels}`` is accepted as an alias; where
     both are given, min_pixels / max_pixels win, as in transformers (hub configs often have an edited max_pixels
     beside a stale size).
+
+    Bounds: the processor's ``max_pixels`` is also the most a call (a chat item's options) can ask for: per-call
+    ``min_pixels`` / ``max_pixels`` and ``resized_height`` x ``resized_width`` are clamped to it, and the frames of a
+    video to ``video_frame_budget`` (``VIDEO_TOTAL_PIXELS`` per temporal patch, shared by all frames).
+    ``allow_larger_items=True`` lifts these clamps (for trusted callers only). Pictures are loaded one at a time
+    and resized at once; one far larger than its target is decoded smaller (see ``_decode_picture``), so a request
+    never holds more than one picture at full size.
     """
 
     # Image outputs only: the video outputs are named by `QwenVLVideoView` (processing_qwenvl.py), so that an engine
@@ -809,11 +1261,14 @@ class QwenVLImageProcessor(BaseImageProcessor):
         patch_size: int = DEFAULT_PATCH_SIZE,
         temporal_patch_size: int = 2,
         merge_size: int = DEFAULT_MERGE_SIZE,
+        allow_larger_items: bool = False,
         **kwargs,
     ):
         unknown = set(kwargs) - _IGNORED_CONFIG_KEYS
         if unknown:
             raise TypeError(f"QwenVLImageProcessor got unexpected arguments {sorted(unknown)}")
+        if not isinstance(allow_larger_items, bool):
+            raise TypeError(f"allow_larger_items must be True or False, got {_short(allow_larger_items)}")
         super().__init__()
         min_pixels, max_pixels = _pixels_from_size(size, min_pixels, max_pixels)
         options = _checked_options(
@@ -835,6 +1290,7 @@ class QwenVLImageProcessor(BaseImageProcessor):
         )
         for name, value in options.items():
             setattr(self, name, value)
+        self.allow_larger_items = allow_larger_items
 
     @property
     def size(self) -> dict:
@@ -877,9 +1333,11 @@ class QwenVLImageProcessor(BaseImageProcessor):
         videos: one video or a list of them; a video is a list of frames or a 4-D array / tensor (T, H, W, C) or
             (T, C, H, W) of frames already sampled (see ``load_video``).
         min_pixels, max_pixels: override the pixel bounds for this call (a processor calls once per item when
-            items differ).
+            items differ); clamped to the processor's ``max_pixels`` unless ``allow_larger_items``.
         resized_height, resized_width: resize every item to ``smart_resize(resized_height, resized_width)`` (as
-            qwen-vl-utils does, with its default bounds; min/max pixels are then not used).
+            qwen-vl-utils does, with its default bounds; min/max pixels are then not used), at most the
+            processor's ``max_pixels`` for an image and ``video_frame_budget`` for a video frame unless
+            ``allow_larger_items``.
         return_tensors: None (numpy), "np" or "pt".
         kwargs: overrides of the other constructor options (do_resize, resample, do_rescale, rescale_factor,
             do_normalize, image_mean, image_std, do_convert_rgb, size, patch_size, temporal_patch_size,
@@ -888,7 +1346,11 @@ class QwenVLImageProcessor(BaseImageProcessor):
         if images is None and videos is None:
             raise ValueError("pass images, videos or both")
         options = self._call_options(min_pixels, max_pixels, kwargs)
-        target = self._target_size(options, resized_height, resized_width)
+        _check_resized_size(resized_height, resized_width)
+        resized = None
+        if resized_height is not None:
+            resized = (resized_height, resized_width)
+            smart_resize(resized_height, resized_width, options["patch_size"] * options["merge_size"])  # fails early
         table = _value_table(
             options["do_rescale"],
             options["rescale_factor"],
@@ -901,32 +1363,45 @@ class QwenVLImageProcessor(BaseImageProcessor):
             images = image_list(images)
             if not images:
                 raise ValueError("images is an empty list")
-            clips = [[load_image(image)] for image in images]
-            data["pixel_values"], data["image_grid_thw"] = self._encode(clips, options, target, table)
+            # one picture at a time, each resized as it is loaded: only one is ever held at full size
+            pixels = [self._image_pixels(image, options, resized) for image in images]
+            data["pixel_values"], data["image_grid_thw"] = self._encode(pixels, options, table)
         if videos is not None:
             videos = video_list(videos)
             if not videos:
                 raise ValueError("the video is empty: no frames or videos were given")
-            clips = [[load_image(frame) for frame in frames] for frames in videos]
-            data["pixel_values_videos"], data["video_grid_thw"] = self._encode(clips, options, target, table)
+            pixels = [self._video_pixels(frames, options, resized) for frames in videos]
+            data["pixel_values_videos"], data["video_grid_thw"] = self._encode(pixels, options, table)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def get_number_of_image_patches(self, height: int, width: int, images_kwargs: Optional[dict] = None) -> int:
-        """Patch rows (before merging) of a ``height`` x ``width`` image; vLLM asks this without an image."""
+        """Patch rows (before merging) of a ``height`` x ``width`` image; vLLM asks this without an image.
+
+        ``images_kwargs`` may hold min_pixels, max_pixels, patch_size and merge_size, clamped as in a call.
+        """
         images_kwargs = images_kwargs or {}
-        patch_size = images_kwargs.get("patch_size", self.patch_size)
-        new_height, new_width = smart_resize(
-            height,
-            width,
-            patch_size * images_kwargs.get("merge_size", self.merge_size),
-            images_kwargs.get("min_pixels", self.min_pixels),
-            images_kwargs.get("max_pixels", self.max_pixels),
-        )
-        return (new_height // patch_size) * (new_width // patch_size)
+        overrides = {name: images_kwargs[name] for name in ("patch_size", "merge_size") if name in images_kwargs}
+        options = self._call_options(images_kwargs.get("min_pixels"), images_kwargs.get("max_pixels"), overrides)
+        new_height, new_width = self._image_size_for(options, None)(height, width)
+        return (new_height // options["patch_size"]) * (new_width // options["patch_size"])
+
+    def get_number_of_video_patches(self, num_frames: int, height: int, width: int) -> int:
+        """Patch rows (before merging) of a video of ``num_frames`` frames of ``height`` x ``width``, handed to a
+        call with ``resized_height=height, resized_width=width`` (as the processor hands sampled frames over: their
+        sides rounded to multiples of patch_size * merge_size, within ``video_frame_budget``)."""
+        options = self._call_options(None, None, {})
+        num_frames = _check_positive_int(num_frames, "num_frames")
+        length = num_frames + (-num_frames % options["temporal_patch_size"])
+        new_height, new_width = self._video_frame_size(length, height, width, options, (height, width))
+        patch = options["patch_size"]
+        return length // options["temporal_patch_size"] * (new_height // patch) * (new_width // patch)
 
     # -- steps --------------------------------------------------------------------------------------------------
 
     def _call_options(self, min_pixels, max_pixels, overrides: dict) -> dict:
+        """The options of one call: the processor's, with the call's overrides; pixel bounds clamped to the
+        processor's max_pixels unless allow_larger_items (a chat item must not ask for more than the processor
+        was set up to give)."""
         unknown = set(overrides) - set(_CALL_OPTIONS) - {"size"}
         if unknown:
             raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
@@ -936,39 +1411,60 @@ class QwenVLImageProcessor(BaseImageProcessor):
         }
         options["min_pixels"] = self.min_pixels if min_pixels is None else min_pixels
         options["max_pixels"] = self.max_pixels if max_pixels is None else max_pixels
+        if not self.allow_larger_items:
+            for name in ("min_pixels", "max_pixels"):
+                if isinstance(options[name], numbers.Integral) and not isinstance(options[name], bool):
+                    options[name] = min(options[name], self.max_pixels)  # other types are refused just below
         return _checked_options(options)
 
-    @staticmethod
-    def _target_size(options: dict, resized_height, resized_width):
-        """Fixed (height, width) for every item when resized_* are given, else None (each item's smart_resize)."""
-        _check_resized_size(resized_height, resized_width)
-        if resized_height is None:
-            return None
-        return smart_resize(resized_height, resized_width, options["patch_size"] * options["merge_size"])
-
-    @staticmethod
-    def _resized_pixels(frames: list, options: dict, target) -> np.ndarray:
-        """RGB frames of one image or video -> uint8 [T, H, W, 3], resized, T padded to whole temporal patches."""
+    def _image_size_for(self, options: dict, resized) -> Callable[[int, int], tuple[int, int]]:
+        """(height, width) of a picture -> the size it is resized to, under this call's options."""
         factor = options["patch_size"] * options["merge_size"]
-        tp = options["temporal_patch_size"]
-        height, width = _frame_size(frames)
-        if options["do_resize"]:
-            height, width = target or smart_resize(height, width, factor, options["min_pixels"], options["max_pixels"])
-            frames = [frame.resize((width, height), options["resample"]) for frame in frames]
-        elif height % factor or width % factor:
-            raise ValueError(
-                f"with do_resize=False every image must have sides divisible by {factor} "
-                f"(patch_size * merge_size) to fill a whole patch grid, got {height}x{width}"
+        if not options["do_resize"]:
+            return _whole_grid_size(factor)
+        if resized is None:
+            return lambda height, width: smart_resize(
+                height, width, factor, options["min_pixels"], options["max_pixels"]
             )
-        if len(frames) == 1:
-            return np.asarray(frames[0])[None]  # a still image: no padding, and no copy by np.stack
-        frames = frames + frames[-1:] * (-len(frames) % tp)
-        return np.stack([np.asarray(frame) for frame in frames])
+        cap = IMAGE_MAX_TOKENS * factor**2
+        if not self.allow_larger_items:
+            cap = min(cap, self.max_pixels)
+        size = smart_resize(*resized, factor, min(IMAGE_MIN_TOKENS * factor**2, cap), cap)
+        return lambda height, width: size
 
-    def _encode(self, clips: list, options: dict, target, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Lists of RGB frames (one per image, several per video) -> (rows [N, D], grids [n, 3] int64)."""
+    def _video_frame_size(self, length: int, height: int, width: int, options: dict, resized) -> tuple[int, int]:
+        """Size of the frames of a video of ``length`` frames (after padding), ``height`` x ``width`` each.
+
+        As for images, with the frames' share of the video budget as a further cap (``video_frame_budget``, unless
+        allow_larger_items): a long video of large frames stays within VIDEO_TOTAL_PIXELS per temporal patch.
+        """
+        factor = options["patch_size"] * options["merge_size"]
+        if resized is None:
+            low, high = options["min_pixels"], options["max_pixels"]
+        else:
+            (height, width), low, high = resized, IMAGE_MIN_TOKENS * factor**2, IMAGE_MAX_TOKENS * factor**2
+        if not self.allow_larger_items:
+            high = min(high, video_frame_budget(length, options["temporal_patch_size"]))
+        return smart_resize(height, width, factor, min(low, high), high)
+
+    def _image_pixels(self, image, options: dict, resized) -> np.ndarray:
+        """One picture -> uint8 [1, H, W, 3] at its target size."""
+        picture = _load_picture(image, self._image_size_for(options, resized), options["resample"])
+        return np.asarray(picture)[None]  # a still image: no padding, and no copy by np.stack
+
+    def _video_pixels(self, frames: list, options: dict, resized) -> np.ndarray:
+        """The frames of one video -> uint8 [T, H, W, 3], resized, T padded to whole temporal patches."""
+        length = len(frames) + (-len(frames) % options["temporal_patch_size"])
+        if options["do_resize"]:
+            def size_for(height, width):
+                return self._video_frame_size(length, height, width, options, resized)
+        else:
+            size_for = _whole_grid_size(options["patch_size"] * options["merge_size"])
+        return _load_clip(frames, size_for, length, options["resample"])
+
+    def _encode(self, pixels: list, options: dict, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [T, H, W, 3] per image or video -> (rows [N, D], grids [n, 3] int64)."""
         p, tp = options["patch_size"], options["temporal_patch_size"]
-        pixels = [self._resized_pixels(frames, options, target) for frames in clips]
         grids = np.array([_grid_thw(clip, p, tp) for clip in pixels], dtype=np.int64)
         # one output array, filled in place: no concatenation copy
         out = np.empty((int(grids.prod(axis=1).sum()), 3 * tp * p * p), dtype=np.float32)
@@ -978,6 +1474,20 @@ class QwenVLImageProcessor(BaseImageProcessor):
             _patchify(clip, table, p, options["merge_size"], tp, out[start:stop])
             start = stop
         return out, grids
+
+
+def _whole_grid_size(factor: int) -> Callable[[int, int], tuple[int, int]]:
+    """The size function of ``do_resize=False``: a picture keeps its size, which must fill whole patch blocks."""
+
+    def size_for(height, width):
+        if height % factor or width % factor:
+            raise ValueError(
+                f"with do_resize=False every image must have sides divisible by {factor} "
+                f"(patch_size * merge_size) to fill a whole patch grid, got {height}x{width}"
+            )
+        return height, width
+
+    return size_for
 
 
 # save_pretrained then names this class under AutoImageProcessor in `auto_map` and copies this file, so a saved folder

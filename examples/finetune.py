@@ -269,7 +269,44 @@ def parse_args(argv=None):
         parser.error("--freeze applies to full fine-tuning; with --lora only the adapters train")
     if args.merge_lora and not args.lora:
         parser.error("--merge-lora needs --lora")
+    check_output_dir(parser, args)
     return args
+
+
+def check_output_dir(parser, args):
+    """Refuse, before training, an --output-dir whose saving would write over the model or processor being read:
+    the same directory (by real path: symbolic links followed), or one holding the very same files (hard links, as
+    convert_checkpoint.py makes, or symbolic ones). Saving would overwrite the input model, or with the repo root as
+    the model fail with shutil.SameFileError after the whole run."""
+    for option, source in (("--model", args.model), ("--processor", args.processor)):
+        if source is None or not os.path.isdir(source):
+            continue  # a Hub name: nothing local to overwrite
+        if os.path.realpath(source) == os.path.realpath(args.output_dir):
+            parser.error(
+                f"--output-dir {args.output_dir} is the {option} directory: saving would overwrite what this run "
+                "reads; choose a new directory"
+            )
+        shared = files_shared(source, args.output_dir)
+        if shared:
+            parser.error(
+                f"--output-dir {args.output_dir} holds {', '.join(shared[:3])}, the very files of {option} "
+                f"{source} (hard or symbolic links): saving would overwrite them; choose a new directory"
+            )
+
+
+def files_shared(directory, other):
+    """The names of the files in `other` that are files of `directory` (the same file on disk), sorted."""
+    def identities(folder):
+        found = {}
+        if os.path.isdir(folder):
+            for entry in os.scandir(folder):
+                if entry.is_file():  # follows symbolic links, as writing to one would
+                    status = entry.stat()
+                    found[(status.st_dev, status.st_ino)] = entry.name
+        return found
+
+    ours = identities(directory)
+    return sorted(name for key, name in identities(other).items() if key in ours)
 
 
 def main(argv=None):

@@ -14,6 +14,7 @@ whole stream.
 """
 
 import random
+import sys
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
@@ -179,14 +180,20 @@ def all_answers():
     return sorted({*COLORS, *SHAPES, *CORNERS.values(), "left", "right", "above", "below", *NUMBERS, *DIRECTIONS})
 
 
-def evaluate(answer, per_task, seed, batch_size=32):
+def evaluate(answer, per_task, seed, batch_size=32, progress=False):
     """Accuracy per task on `per_task` fresh questions of each task from `seed`.
 
-    `answer(examples)` returns one answer string per example (model.generate, a pipeline, ...)."""
+    `answer(examples)` returns one answer string per example (model.generate, a pipeline, ...). `progress` shows a
+    progress bar of the batches on stderr."""
     rng = random.Random(seed)
     examples = [sample(task, rng) for task in TASKS for _ in range(per_task)]
     correct = dict.fromkeys(TASKS, 0)
-    for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="questions", unit="batch", file=sys.stderr)
+    for start in starts:
         chunk = examples[start:start + batch_size]
         for example, prediction in zip(chunk, answer(chunk)):
             correct[example.task] += answer_matches(prediction, example.answer)

@@ -74,6 +74,20 @@ its parametrized tests); other rows name the test that covers them elsewhere.
 | 58 | message not a dict / without role; content not str or list; item not a dict | ValueError / TypeError | here: chat[message-not-dict], chat[message-without-role], chat[content-int], chat[item-not-dict] |
 | 59 | unknown processor options (e.g. do_sample) | TypeError | test_processor::test_bad_options, test_image_processing::test_error_bad_options |
 | 60 | do_resize=False with sides not divisible by 28 | ValueError | test_image_processing::test_error_image_grid_consistency |
+| **requests: budgets and isolation** | | | |
+| 61 | more items than `max_items_per_request` (refused before any is read); more vision tokens than `max_vision_tokens_per_request` | ValueError | test_request_limits::test_too_many_items_are_refused_before_any_is_read, test_request_limits::test_too_many_vision_tokens_are_refused_before_the_rest_is_read, test_request_limits::test_decoded_videos_are_counted_before_they_are_cut_into_patches |
+| 62 | a typed `<\|image_pad\|>` in one conversation taking another's picture; placeholders per sample | ValueError | test_request_limits::test_a_typed_placeholder_cannot_take_another_conversations_image, test_request_limits::test_call_checks_placeholders_per_sample_when_images_come_per_text |
+| 63 | an item the template and the processor would read differently; unknown roles | ValueError | test_request_limits::test_template_writes_one_placeholder_per_item_the_processor_loads, test_request_limits::test_items_without_one_reading_are_refused, test_request_limits::test_roles_are_checked_by_the_template_for_processor_and_tokenizer |
+| 64 | special-token strings typed in user text (`split_special_tokens=True` reads them as text) | - | test_request_limits::test_split_special_tokens_reads_typed_special_tokens_as_text |
+| 65 | `text=[]`, an empty conversation; unknown chat options; multi-MB inputs echoed in errors | ValueError / TypeError | test_request_limits::test_empty_text_or_conversation_is_a_value_error, test_request_limits::test_chat_call_options_apply_to_every_item, test_request_limits::test_errors_echo_inputs_shortened |
+| 66 | the grid-plan cache under many threads | - | test_reliability::test_the_vision_tower_serves_many_threads_at_once |
+| 67 | a long prompt padded with a short one (no [B, L, L] mask) | - | test_reliability::test_a_long_prompt_padded_with_a_short_one_costs_what_it_costs_alone |
+| **tools** | | | |
+| 68 | grounding: deeply nested brackets (RecursionError); quadratic parsing of 1 MB answers | ValueError | test_tool_limits::test_deeply_nested_json_is_a_value_error_not_a_recursion_error, test_tool_limits::test_json_grounding_work_grows_linearly_with_the_answer, test_tool_limits::test_unclosed_qwen2_markers_are_read_in_linear_time |
+| 69 | `demo.py --chat`: a bad turn (unreadable picture, refused input, bytes that are not text) keeps the conversation | - | test_tool_limits::test_chat_survives_bad_turns_and_keeps_the_conversation, test_tool_limits::test_chat_on_stdin_survives_bad_pictures_and_bytes_that_are_not_text |
+| 70 | `demo.py --eval 0` or `-1` | parser error | test_tool_limits::test_eval_counts_below_one_are_refused |
+| 71 | `finetune.py --output-dir` over `--model` | parser error | test_tool_limits::test_output_dir_over_the_model_is_refused_before_training |
+| 72 | `convert_checkpoint.py`: layer counts that disagree with the weights (before building); a failure part way leaves no partial `--dst` | ValueError | test_tool_limits::test_layer_counts_that_disagree_with_the_weights_are_refused_before_building, test_tool_limits::test_a_failure_part_way_leaves_no_partial_destination |
 """
 
 import io

@@ -11,7 +11,6 @@
 
 import ast
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -195,22 +194,20 @@ def test_import_and_load_make_no_network_connection(saved_model, tmp_path):
 
 
 def requirement_names(path):
-    """{distribution name: version} of the pins in a requirements file."""
+    """{distribution name: version} of the pins in a requirements file (`-r` includes left out)."""
     pins = {}
     for line in path.read_text().splitlines():
         line = line.split("#")[0].strip()
-        if line:
+        if line and not line.startswith("-r "):
             name, _, version = line.partition("==")
             pins[name.strip().lower()] = version.strip()
     return pins
 
 
 def runtime_requirements():
-    """Import names of requirements.txt's pins above its "# tests" section."""
-    text = (ROOT / "requirements.txt").read_text()
-    runtime = re.split(r"^# tests", text, flags=re.MULTILINE)[0]
+    """Import names of requirements.txt's pins (what the code files may import)."""
     names = set()
-    for line in runtime.splitlines():
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name = line.partition("==")[0].strip().lower()
@@ -261,3 +258,8 @@ def test_requirement_files_differ_only_in_transformers():
     assert latest.keys() == older.keys()
     assert {name for name in latest if latest[name] != older[name]} == {"transformers"}
     assert older["transformers"].startswith("4.57.")
+    # the test environments: the same test pins; the chat page's (gradio, playwright) on transformers 5 only
+    latest_dev = requirement_names(ROOT / "requirements-dev.txt")
+    older_dev = requirement_names(ROOT / "requirements-4.57-dev.txt")
+    assert {name: v for name, v in latest_dev.items() if name != "playwright"} == older_dev
+    assert "-r requirements-web.txt" in (ROOT / "requirements-dev.txt").read_text()
