@@ -28,6 +28,7 @@ import grounding_qwenvl
 from grounding_qwenvl import parse_qwen2, parse_qwen25
 from processing_qwenvl import QwenVLProcessor
 from test_convert import hub_layout
+from test_demo_interactive import model_dir as chat_model_dir  # noqa: F401 (a fixture)
 from test_portable import tiny_model
 from tiny import TEXT, TOKEN_IDS, VISION_25, reference_model
 
@@ -190,12 +191,6 @@ def bad_files(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def chat_model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model().save_pretrained(directory)
-    QwenVLProcessor.from_pretrained(ROOT).save_pretrained(directory)
-    return directory
 
 
 def bad_turns(folder):
