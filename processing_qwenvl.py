@@ -24,11 +24,11 @@ from transformers.utils import PaddingStrategy
 
 try:  # as remote code, the files form a package; from a checkout, they are plain modules
     from .image_processing_qwenvl import (
-        QwenVLImageProcessor, check_fps, image_list, load_image, load_video, video_list,
+        QwenVLImageProcessor, _short, check_fps, image_list, load_image, load_video, video_list,
     )
 except ImportError:
     from image_processing_qwenvl import (
-        QwenVLImageProcessor, check_fps, image_list, load_image, load_video, video_list,
+        QwenVLImageProcessor, _short, check_fps, image_list, load_image, load_video, video_list,
     )
 
 
@@ -94,8 +94,6 @@ MEDIA_KIND_BY_KEY = {"image": "image", "image_url": "image", "video": "video"}
 DEFAULT_MAX_ITEMS_PER_REQUEST = 1024
 DEFAULT_MAX_VISION_TOKENS_PER_REQUEST = 2**18
 REQUEST_LIMITS = ("max_items_per_request", "max_vision_tokens_per_request")
-# Error messages quote inputs cut to this many characters: an input can be a multi-MB data URI or text.
-ECHO_LIMIT = 100
 # Private-use characters stand in for the "<" of user text while the chat template renders (see `_TextEscape`).
 _PRIVATE_USE = range(0xE000, 0xF900)
 
@@ -768,12 +766,6 @@ def _check_known_options(options: dict, accepted: tuple, template_variables=()) 
         )
 
 
-def _shorten(value, limit: int = ECHO_LIMIT) -> str:
-    """`repr(value)`, cut to about `limit` characters: an error message must not echo a multi-MB input whole."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
 # ---- request budget --------------------------------------------------------------------------------------------
 
 
@@ -782,7 +774,7 @@ def _check_limit(value, name: str):
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer or None (no limit), got {_shorten(value)}")
+        raise ValueError(f"{name} must be a positive integer or None (no limit), got {_short(value)}")
     return value
 
 
@@ -825,9 +817,9 @@ def _check_conversation(conversation: list) -> None:
         raise ValueError("a conversation of the batch is empty: each needs at least one message")
     for position, message in enumerate(conversation):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"message {position} must be a dict with 'role' and 'content', got {_shorten(message)}")
+            raise ValueError(f"message {position} must be a dict with 'role' and 'content', got {_short(message)}")
         if not isinstance(message["role"], str):  # which roles are known is the template's call (see `_render`)
-            raise ValueError(f"message {position} has role {_shorten(message['role'])}; a role is a string")
+            raise ValueError(f"message {position} has role {_short(message['role'])}; a role is a string")
         content = message["content"]
         if not isinstance(content, (str, list, tuple)):
             raise TypeError(
@@ -860,27 +852,27 @@ def _item_type(item) -> str:
     exactly the items loaded here. An item whose type and media keys disagree is refused: it has no one reading.
     """
     if not isinstance(item, dict):
-        raise TypeError(f"a message content item must be a dict, got {type(item).__name__}: {_shorten(item)}")
+        raise TypeError(f"a message content item must be a dict, got {type(item).__name__}: {_short(item)}")
     declared = item.get("type")
     carried = sorted({kind for key, kind in MEDIA_KIND_BY_KEY.items() if key in item})
     if declared:
         if declared not in MESSAGE_ITEM_TYPES:
             raise ValueError(
-                f"unknown message item type {_shorten(declared)} in {_shorten(item)}; "
+                f"unknown message item type {_short(declared)} in {_short(item)}; "
                 f"expected one of {MESSAGE_ITEM_TYPES}"
             )
         kind = "image" if declared == "image_url" else declared
         if carried and carried != [kind]:
-            raise ValueError(f"a message item of type {declared!r} carries {carried} media: {_shorten(item)}")
+            raise ValueError(f"a message item of type {declared!r} carries {carried} media: {_short(item)}")
         return kind
     if len(carried) > 1:
-        raise ValueError(f"a message item without a type carries both image and video media: {_shorten(item)}")
+        raise ValueError(f"a message item without a type carries both image and video media: {_short(item)}")
     if carried:
         return carried[0]
     if "text" in item:
         return "text"
     raise ValueError(
-        f"unknown message item type None in {_shorten(item)}; give it a type, one of {MESSAGE_ITEM_TYPES}"
+        f"unknown message item type None in {_short(item)}; give it a type, one of {MESSAGE_ITEM_TYPES}"
     )
 
 
@@ -890,7 +882,7 @@ def _item_source(item: dict, keys: tuple[str, ...]):
             value = item[key]
             # OpenAI style: {"type": "image_url", "image_url": {"url": ...}}
             return value["url"] if isinstance(value, dict) and "url" in value else value
-    raise ValueError(f"message item {_shorten(item)} has no media; put it under one of the keys {keys}")
+    raise ValueError(f"message item {_short(item)} has no media; put it under one of the keys {keys}")
 
 
 def _item_options(item: dict, call_options: dict, names: tuple[str, ...]) -> dict:
