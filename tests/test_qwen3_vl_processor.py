@@ -263,7 +263,9 @@ def test_frames_and_batch_layout_match_the_qwen_code(processor, tokenizer):
         text=text, images=[image], videos=[first, second], fps=[2.0, 0.5], padding=True, return_tensors="pt"
     )
     expected_text = [f"{IMAGE}a{placeholder_for_builtin(VIDEO)}b", "<|video_pad|>c"]
-    metadata = [SimpleNamespace(fps=fps, frames_indices=list(range(len(v)))) for fps, v in ((2.0, first), (0.5, second))]
+    metadata = [
+        SimpleNamespace(fps=2.0, frames_indices=[0, 1, 2, 3, 4]), SimpleNamespace(fps=0.5, frames_indices=[0, 1, 2, 3])
+    ]
     video_only = processor(videos=[first, second], return_tensors="pt")
     image_processor = oracles.builtin_pil_image_processor()(
         patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3, min_pixels=65536, max_pixels=SMALL_MAX
