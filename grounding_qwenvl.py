@@ -1,5 +1,5 @@
-"""Grounding: read the boxes and points that Qwen2.5-VL and Qwen2-VL write, map them to the original image's pixels,
-and draw them.
+"""Grounding: read the boxes and points that Qwen2.5-VL, Qwen3-VL and Qwen2-VL write, map them to the original
+image's pixels, and draw them.
 
 Qwen2.5-VL answers a grounding request ("Locate every cat and output bbox coordinates in JSON format.") with JSON in
 absolute pixels of the image it saw, i.e. the resized one (`grid_w * 14` by `grid_h * 14`), often inside a fence:
@@ -7,6 +7,9 @@ absolute pixels of the image it saw, i.e. the resized one (`grid_w * 14` by `gri
     ```json
     [{"bbox_2d": [x1, y1, x2, y2], "label": "cat"}, {"point_2d": [x, y], "label": "dog"}]
     ```
+
+Qwen3-VL writes the same JSON, but in relative coordinates, 0..1000 of the image's width and height (`x / 1000 *
+width`), whatever size the processor resized the image to.
 
 Qwen2-VL writes special tokens, with coordinates in [0, 1000) of the image's width and height:
 
@@ -23,8 +26,8 @@ never mistaken for "nothing found".
     objects = ground(answer, model.config.family, image.size, image_grid_thw=inputs["image_grid_thw"])
     draw_boxes(image, objects).save("grounded.png")
 
-`family` is the config's: "qwen2_5_vl" (Qwen2.5-VL) or "qwen2_vl" (Qwen2-VL). Sizes are (width, height), as PIL's
-`Image.size`.
+`family` is the config's: "qwen2_5_vl" (Qwen2.5-VL), "qwen3_vl" (Qwen3-VL, dense and MoE) or "qwen2_vl" (Qwen2-VL).
+Sizes are (width, height), as PIL's `Image.size`.
 """
 
 import bisect
@@ -43,11 +46,12 @@ try:  # as part of a package, or from a checkout
 except ImportError:
     from image_processing_qwenvl import DEFAULT_PATCH_SIZE
 
-# The values of `QwenVLConfig.family`: Qwen2.5-VL answers in JSON, Qwen2-VL in special tokens.
+# The values of `QwenVLConfig.family`: Qwen2.5-VL and Qwen3-VL answer in JSON, Qwen2-VL in special tokens.
 QWEN25 = "qwen2_5_vl"
 QWEN2 = "qwen2_vl"
-FAMILIES = (QWEN25, QWEN2)
-QWEN2_SCALE = 1000  # Qwen2-VL's coordinates are in [0, 1000) of each side
+QWEN3 = "qwen3_vl"
+FAMILIES = (QWEN25, QWEN2, QWEN3)
+QWEN2_SCALE = 1000  # Qwen2-VL's and Qwen3-VL's coordinates are 0..1000 of each side
 GROUNDING_KEYS = ("bbox_2d", "point_2d")
 GROUNDING_KEY = re.compile(r"\b(?:bbox_2d|point_2d)\b")
 JSON_START = re.compile(r"[\[{]")
@@ -82,7 +86,8 @@ class GroundedObject:
 
 
 def parse_qwen25(text):
-    """Qwen2.5-VL's JSON grounding, in its own coordinates (pixels of the resized image).
+    """Qwen2.5-VL's (and Qwen3-VL's) JSON grounding, in the model's own coordinates (pixels of the resized image;
+    0..1000 for Qwen3-VL).
 
     Reads dicts and lists of dicts, inside a ```json fence or not, several JSON values in a row, and skips the
     text around them. Every bbox_2d / point_2d in the text must be read, or ValueError (truncated or invalid JSON).
@@ -127,7 +132,7 @@ def parse_qwen2(text):
 
 def parse_grounding(text, family):
     """The objects in a model answer, in the model's coordinates; `family` is `model.config.family`."""
-    return parse_qwen25(text) if _check_family(family) == QWEN25 else parse_qwen2(text)
+    return parse_qwen2(text) if _check_family(family) == QWEN2 else parse_qwen25(text)
 
 
 # ---- mapping to the original image -------------------------------------------------------------------------------
@@ -151,7 +156,7 @@ def to_original_pixels(objects, family, original_size, resized_size=None):
     """Map objects from the model's coordinates to pixels of the original image, clamped to the image.
 
     Qwen2.5-VL's coordinates are pixels of the resized image, so `resized_size` (width, height) is needed;
-    Qwen2-VL's are in [0, 1000) of each side, so it is not used there.
+    Qwen2-VL's and Qwen3-VL's are 0..1000 of each side, so it is not used there.
     """
     width, height = _check_size(original_size, "original_size")
     if _check_family(family) == QWEN25:
@@ -183,7 +188,7 @@ def ground(text, family, original_size, image_grid_thw=None, resized_size=None, 
 
     `family` is `model.config.family`. For Qwen2.5-VL give the image's `image_grid_thw` row (from the processor's
     output, with the processor's `image_processor.patch_size`) or `resized_size` (width, height) of the image the
-    model saw; not both.
+    model saw; not both. Qwen3-VL and Qwen2-VL answer relative to the image, so they need neither.
     """
     if image_grid_thw is not None and resized_size is not None:
         raise ValueError("pass image_grid_thw or resized_size, not both")
@@ -401,8 +406,8 @@ def _check_text(text):
 def _check_family(family):
     if family not in FAMILIES:
         raise ValueError(
-            f"family must be '{QWEN25}' (Qwen2.5-VL) or '{QWEN2}' (Qwen2-VL), as model.config.family says; "
-            f"got {family!r}"
+            f"family must be '{QWEN25}' (Qwen2.5-VL), '{QWEN3}' (Qwen3-VL) or '{QWEN2}' (Qwen2-VL), as "
+            f"model.config.family says; got {family!r}"
         )
     return family
 

@@ -1,15 +1,17 @@
-"""Image and video preprocessing for Qwen2-VL and Qwen2.5-VL.
+"""Image and video preprocessing for Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 
 Data flow, in the order of this file:
 
-1. ``smart_resize`` picks the size an image is resized to: both sides multiples of 28 (patch 14 x merge 2),
-   the pixel count inside ``[min_pixels, max_pixels]``, the aspect ratio kept as well as possible.
+1. ``smart_resize`` picks the size an image is resized to: both sides multiples of ``patch_size * merge_size`` (28
+   for Qwen2/2.5: patch 14 x merge 2; 32 for Qwen3-VL: patch 16 x merge 2), the pixel count inside
+   ``[min_pixels, max_pixels]``, the aspect ratio kept as well as possible.
 2. ``load_image`` turns anything that names or holds a picture into an RGB ``PIL.Image``; http(s) URLs are fetched
    under a ``FetchPolicy``.
 3. ``smart_nframes``, ``sample_frame_indices`` and ``load_video`` pick, decode and resize video frames the way
    qwen-vl-utils does (same frame indices, same sampled fps, same sizes).
 4. ``QwenVLImageProcessor`` resizes, rescales, normalizes and cuts images and videos into patch rows:
-   ``pixel_values`` [sum(t*h*w), 3*2*14*14] with ``image_grid_thw`` [n, 3], and the same for videos.
+   ``pixel_values`` [sum(t*h*w), 3*2*p*p] (p = 14, or 16 for Qwen3-VL) with ``image_grid_thw`` [n, 3], and the
+   same for videos.
 
 The pixel values are bit-identical to transformers' ``Qwen2VLImageProcessorPil`` (PIL bicubic resize, float64
 rescale rounded to float32, float32 normalize). The work is ordered for speed: the patch layout is built on the
@@ -73,6 +75,7 @@ VIDEO_MAX_PIXELS = 768 * IMAGE_FACTOR * IMAGE_FACTOR
 # the MODEL_SEQ_LEN environment variable; here it is a constant, pass total_pixels to change it). The budget counts
 # pixels of frame pairs (one temporal patch): the frames themselves may hold FRAME_FACTOR times as many.
 VIDEO_TOTAL_PIXELS = 128000 * IMAGE_FACTOR * IMAGE_FACTOR * 0.9
+# The constants above are for the side multiple 28; `video_pixel_bounds` scales them to another one.
 FRAME_FACTOR = 2  # sampled frame counts are even, so frames pair up into temporal patches
 DEFAULT_FPS = 2.0
 MIN_FRAMES = 4
@@ -708,51 +711,73 @@ def sample_frame_indices(
     return indices, count / in_range * video_fps
 
 
-def _video_max_pixels(frame_count: int, min_pixels, max_pixels, total_pixels) -> float:
-    """Per-frame pixel cap: the total budget shared by frame pairs, within [1.05 * min_pixels, VIDEO_MAX_PIXELS].
+def video_pixel_bounds(factor: int = IMAGE_FACTOR) -> tuple[int, int, float]:
+    """qwen-vl-utils' video bounds for frames whose sides are multiples of ``factor`` (its ``image_patch_size * 2``):
+    ``(min pixels of a frame, max pixels of a frame, pixels of a whole video counted per frame pair)``.
+
+    They are token counts (128 and 768 merged tokens per frame, 90% of a 128k-token sequence per video), so they
+    scale with ``factor**2``: 28 gives ``VIDEO_MIN_PIXELS``, ``VIDEO_MAX_PIXELS`` and ``VIDEO_TOTAL_PIXELS`` (read at
+    each call, so that changing them applies), 32 (Qwen3-VL) 131072, 786432 and 117964800.0, the same numbers as
+    qwen-vl-utils computes for ``image_patch_size=16`` (the scaling is exact: multiply first, then divide).
+    """
+    area, base = factor * factor, IMAGE_FACTOR * IMAGE_FACTOR
+    return VIDEO_MIN_PIXELS * area // base, VIDEO_MAX_PIXELS * area // base, VIDEO_TOTAL_PIXELS * area / base
+
+
+def _video_max_pixels(frame_count: int, min_pixels, max_pixels, total_pixels, factor: int = IMAGE_FACTOR) -> float:
+    """Per-frame pixel cap: the total budget shared by frame pairs, within [1.05 * min_pixels, the frame maximum]
+    (``video_pixel_bounds(factor)``).
 
     Kept a float, as in qwen-vl-utils: smart_resize's scale factor depends on its fractional part.
     """
-    total_pixels = VIDEO_TOTAL_PIXELS if total_pixels is None else total_pixels
-    cap = max(min(VIDEO_MAX_PIXELS, total_pixels / frame_count * FRAME_FACTOR), int(min_pixels * 1.05))
+    _, frame_max, video_total = video_pixel_bounds(factor)
+    total_pixels = video_total if total_pixels is None else total_pixels
+    cap = max(min(frame_max, total_pixels / frame_count * FRAME_FACTOR), int(min_pixels * 1.05))
     return cap if max_pixels is None else min(max_pixels, cap)
 
 
-def video_frame_budget(frame_count: int, frames_per_patch: int = FRAME_FACTOR) -> float:
-    """The most pixels a frame may have when ``frame_count`` frames share the video budget: ``VIDEO_TOTAL_PIXELS``
-    per temporal patch of ``frames_per_patch`` frames (the frames of a patch are one token's worth of pixels)."""
-    return VIDEO_TOTAL_PIXELS * frames_per_patch / frame_count
+def video_frame_budget(frame_count: int, frames_per_patch: int = FRAME_FACTOR, factor: int = IMAGE_FACTOR) -> float:
+    """The most pixels a frame may have when ``frame_count`` frames share the video budget: the video total of
+    ``video_pixel_bounds(factor)`` (``VIDEO_TOTAL_PIXELS`` for 28) per temporal patch of ``frames_per_patch`` frames
+    (the frames of a patch are one token's worth of pixels)."""
+    return video_pixel_bounds(factor)[2] * frames_per_patch / frame_count
 
 
-def _clamped_video_options(options: dict) -> dict:
-    """An item's pixel options held to the video bounds: min_pixels and max_pixels at most ``VIDEO_MAX_PIXELS``,
-    total_pixels at most ``VIDEO_TOTAL_PIXELS``."""
+def _clamped_video_options(options: dict, factor: int = IMAGE_FACTOR) -> dict:
+    """An item's pixel options held to the video bounds of ``video_pixel_bounds(factor)``: min_pixels and
+    max_pixels at most the frame maximum (``VIDEO_MAX_PIXELS`` for 28), total_pixels at most the video total
+    (``VIDEO_TOTAL_PIXELS``)."""
     clamped = dict(options)
-    bounds = {"min_pixels": VIDEO_MAX_PIXELS, "max_pixels": VIDEO_MAX_PIXELS, "total_pixels": VIDEO_TOTAL_PIXELS}
+    _, frame_max, video_total = video_pixel_bounds(factor)
+    bounds = {"min_pixels": frame_max, "max_pixels": frame_max, "total_pixels": video_total}
     for name, bound in bounds.items():
         if clamped[name] is not None:
             clamped[name] = min(clamped[name], bound)
     return clamped
 
 
-def _video_frame_size(height, width, frame_count, options: dict, allow_larger_items: bool) -> tuple[int, int]:
+def _video_frame_size(
+    height, width, frame_count, options: dict, allow_larger_items: bool, factor: int = IMAGE_FACTOR
+) -> tuple[int, int]:
     """Size of the frames of a decoded video (``load_video``'s options), as qwen-vl-utils computes it, within the
-    video bounds.
+    video bounds of ``video_pixel_bounds(factor)``.
 
     qwen-vl-utils gives each frame ``_video_max_pixels``; a request could lift that over the bounds through a large
     min_pixels (its 1.05 * min_pixels floor wins) or total_pixels, and resized_height / resized_width skip it
-    altogether. Unless ``allow_larger_items``, a frame here holds at most ``VIDEO_MAX_PIXELS`` and
-    ``video_frame_budget(frame_count)``, and a resized size also keeps within the item's own total_pixels.
+    altogether. Unless ``allow_larger_items``, a frame here holds at most the frame maximum (``VIDEO_MAX_PIXELS``
+    for 28) and ``video_frame_budget(frame_count)``, and a resized size also keeps within the item's own
+    total_pixels.
     """
-    bound = math.inf if allow_larger_items else min(VIDEO_MAX_PIXELS, video_frame_budget(frame_count))
+    frame_min, frame_max, video_total = video_pixel_bounds(factor)
+    bound = math.inf if allow_larger_items else min(frame_max, video_frame_budget(frame_count, factor=factor))
     if options["resized_height"] is not None:
-        total = VIDEO_TOTAL_PIXELS if options["total_pixels"] is None else options["total_pixels"]
-        cap = min(IMAGE_MAX_TOKENS * IMAGE_FACTOR**2, total * FRAME_FACTOR / frame_count, bound)
-        low = min(IMAGE_MIN_TOKENS * IMAGE_FACTOR**2, cap)
-        return smart_resize(options["resized_height"], options["resized_width"], min_pixels=low, max_pixels=cap)
-    low = VIDEO_MIN_PIXELS if options["min_pixels"] is None else options["min_pixels"]
-    cap = min(_video_max_pixels(frame_count, low, options["max_pixels"], options["total_pixels"]), bound)
-    return smart_resize(height, width, min_pixels=min(low, cap), max_pixels=cap)
+        total = video_total if options["total_pixels"] is None else options["total_pixels"]
+        cap = min(IMAGE_MAX_TOKENS * factor**2, total * FRAME_FACTOR / frame_count, bound)
+        low = min(IMAGE_MIN_TOKENS * factor**2, cap)
+        return smart_resize(options["resized_height"], options["resized_width"], factor, low, cap)
+    low = frame_min if options["min_pixels"] is None else options["min_pixels"]
+    cap = min(_video_max_pixels(frame_count, low, options["max_pixels"], options["total_pixels"], factor), bound)
+    return smart_resize(height, width, factor, min(low, cap), cap)
 
 
 def _check_frame_pixels(height: int, width: int, name: str) -> None:
@@ -811,8 +836,8 @@ def _frame_pixels(frame, height: int, width: int) -> np.ndarray:
 
 
 def _sampled_indices(container, stream, name: str, sampling: dict, allow_larger_items: bool):
-    """``(indices, sampled fps, frame count of the header)`` of the frames to keep, from the header alone, with the
-    frame count and the header's frame size checked before anything is decoded."""
+    """``(indices, sampled fps, frame count of the header, frame rate of the header)`` of the frames to keep, from
+    the header alone, with the frame count and the header's frame size checked before anything is decoded."""
     rate = stream.average_rate or stream.guessed_rate
     total = stream.frames  # the container's frame count, as decord and torchcodec read it
     if not total:  # some containers (Matroska) do not store it: count the packets, then rewind
@@ -826,11 +851,13 @@ def _sampled_indices(container, stream, name: str, sampling: dict, allow_larger_
             "under MIN_FPS = 1/3600 (one frame per hour)"
         )
     _check_frame_pixels(stream.codec_context.height, stream.codec_context.width, name)
-    return indices, sampled_fps, total
+    return indices, sampled_fps, total, float(rate)
 
 
 def _decode_frames(source, name: str, sampling: dict, size_for, allow_larger_items: bool):
-    """Decode the sampled frames of a video with PyAV: (uint8 [T, H, W, 3], sampled fps).
+    """Decode the sampled frames of a video with PyAV: (uint8 [T, H, W, 3], sampled fps, time of each frame in
+    seconds). A frame's time is its index over the clip's own frame rate (not the sampled one), as qwen-vl-utils'
+    metadata and transformers' Qwen3-VL processor reckon it.
 
     Every kept frame is resized as soon as it is decoded, straight into the output, so memory holds the output and
     a few full-size frames. ``size_for(frame_count, height, width)`` gives the output size from the first kept
@@ -846,7 +873,7 @@ def _decode_frames(source, name: str, sampling: dict, size_for, allow_larger_ite
             raise ValueError(f"video {name} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        indices, sampled_fps, total = _sampled_indices(container, stream, name, sampling, allow_larger_items)
+        indices, sampled_fps, total, video_fps = _sampled_indices(container, stream, name, sampling, allow_larger_items)
         rows = {}  # frame position -> the output rows that show it
         for row, index in enumerate(indices):
             rows.setdefault(index, []).append(row)
@@ -876,7 +903,7 @@ def _decode_frames(source, name: str, sampling: dict, size_for, allow_larger_ite
             raise ValueError(f"not enough memory to decode {len(indices)} frames of video {name}") from err
     if kept < len(rows):
         raise ValueError(f"video {name} ended before frame {indices[-1]} although its header lists {total} frames")
-    return frames, sampled_fps
+    return frames, sampled_fps, [index / video_fps for index in indices]
 
 
 def _load_clip(frames: list, size_for, length: int, resample=PIL.Image.Resampling.BICUBIC) -> np.ndarray:
@@ -920,8 +947,11 @@ def load_video(
     *,
     allow_larger_items: bool = False,
     fetch_policy: Optional[FetchPolicy] = None,
-) -> tuple[np.ndarray, float]:
-    """Read, sample and resize a video as qwen-vl-utils' ``fetch_video`` does: ``(frames uint8 [T, H, W, 3], fps)``.
+    factor: int = IMAGE_FACTOR,
+    return_frame_times: bool = False,
+) -> tuple:
+    """Read, sample and resize a video as qwen-vl-utils' ``fetch_video`` does: ``(frames uint8 [T, H, W, 3], fps)``,
+    and with ``return_frame_times`` also the time of each frame in seconds (a list of T floats).
 
     ``video`` is a file path (or ``file://`` path) or an http(s) URL (fetched under ``fetch_policy``, see
     ``FetchPolicy``), decoded with PyAV, or a list of frames (anything ``load_image`` takes) / a 4-D array or
@@ -939,6 +969,14 @@ def load_video(
     the sizes equal qwen-vl-utils'. The resize is PIL bicubic; qwen-vl-utils uses torchvision's antialiased bicubic
     on tensors, whose pixel values can differ by a few levels.
 
+    ``factor`` is the side multiple, ``patch_size * merge_size`` of the model's processor: 28 (the default) for
+    Qwen2-VL / Qwen2.5-VL, 32 for Qwen3-VL. The default bounds above are for 28; ``video_pixel_bounds(factor)``
+    gives those of another factor (qwen-vl-utils' ``image_patch_size=16`` for 32).
+
+    Frame times (Qwen3-VL writes them into the prompt): a frame of a file is at its index over the clip's own frame
+    rate (the source fps, not the sampled one), so ``video_start`` shifts them; a frame of a list is at its position
+    over ``fps``; a padding frame repeats the time of the frame it repeats.
+
     Limits: each frame is resized as it is decoded, so memory holds little more than the output. Unless
     ``allow_larger_items``, the options cannot take a frame over ``VIDEO_MAX_PIXELS`` or all frames over
     ``VIDEO_TOTAL_PIXELS`` (per frame pair), and a file gives at most ``MAX_FRAMES`` frames (``max_frames`` is
@@ -951,11 +989,13 @@ def load_video(
     _check_pixel_bounds(min_pixels, max_pixels)
     if total_pixels is not None:
         _check_positive_number(total_pixels, "total_pixels")
+    factor = _check_positive_int(factor, "factor")
     if resized_height is not None:
-        smart_resize(resized_height, resized_width)  # fails early on a bad size
+        smart_resize(resized_height, resized_width, factor)  # fails early on a bad size
     min_frames, max_frames = _check_frame_count_limits(min_frames, max_frames)
-    if not isinstance(allow_larger_items, bool):
-        raise TypeError(f"allow_larger_items must be True or False, got {_short(allow_larger_items)}")
+    for name, flag in (("allow_larger_items", allow_larger_items), ("return_frame_times", return_frame_times)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {_short(flag)}")
     if not allow_larger_items:
         max_frames = min(max_frames, MAX_FRAMES)
     options = dict(
@@ -966,7 +1006,7 @@ def load_video(
         resized_width=resized_width,
     )
     if not allow_larger_items:
-        options = _clamped_video_options(options)
+        options = _clamped_video_options(options, factor)
     min_pixels, max_pixels = options["min_pixels"], options["max_pixels"]
 
     if isinstance(video, (str, os.PathLike)):
@@ -977,9 +1017,10 @@ def load_video(
         )
 
         def size_for(frame_count, height, width):
-            return _video_frame_size(height, width, frame_count, options, allow_larger_items)
+            return _video_frame_size(height, width, frame_count, options, allow_larger_items, factor)
 
-        return _decode_frames(source, name, sampling, size_for, allow_larger_items)
+        frames, sampled_fps, frame_times = _decode_frames(source, name, sampling, size_for, allow_larger_items)
+        return (frames, sampled_fps, frame_times) if return_frame_times else (frames, sampled_fps)
 
     if nframes is not None or video_start is not None or video_end is not None:
         raise ValueError("nframes, video_start and video_end apply to video files; a frame list is used whole")
@@ -988,14 +1029,17 @@ def load_video(
 
     def size_for_list(height, width):
         # qwen-vl-utils (0.0.14) first resizes each frame as an image, then the stack as a video. Its first pass
-        # rounds to multiples of 56, not 28 (it hands the factor 28 to fetch_image as the patch size, which
-        # fetch_image doubles), with image pixel bounds. The size is computed the same way here, to match it; the
-        # pixels are resized once, from the original frames.
+        # rounds to multiples of 2 * factor (56 for 28), not factor (it hands the factor to fetch_image as the patch
+        # size, which fetch_image doubles), with image pixel bounds. The size is computed the same way here, to
+        # match it; the pixels are resized once, from the original frames.
         if resized_height is None:
-            height, width = smart_resize(height, width, 2 * IMAGE_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
-        return _video_frame_size(height, width, length, options, allow_larger_items)
+            height, width = smart_resize(height, width, 2 * factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        return _video_frame_size(height, width, length, options, allow_larger_items, factor)
 
-    return _load_clip(frame_list, size_for_list, length), fps
+    frames = _load_clip(frame_list, size_for_list, length)
+    if not return_frame_times:
+        return frames, fps
+    return frames, fps, [min(row, len(frame_list) - 1) / fps for row in range(length)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1214,7 +1258,11 @@ def _checked_options(options: dict) -> dict:
 
 
 class QwenVLImageProcessor(BaseImageProcessor):
-    r"""Turns images and videos into the patch rows that the Qwen2-VL / Qwen2.5-VL vision tower reads.
+    r"""Turns images and videos into the patch rows that the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower reads.
+
+    The family is in the settings: Qwen3-VL's official ``preprocessor_config.json`` gives ``patch_size`` 16 (side
+    multiple 32, rows of 3*2*16*16 = 1536), ``size`` {"shortest_edge": 65536, "longest_edge": 16777216} and
+    ``image_mean`` = ``image_std`` = 0.5; the video bounds follow the side multiple (``video_pixel_bounds``).
 
     Each image is loaded with ``load_image`` (any PIL mode, arrays, tensors, paths, URIs), resized with PIL
     bicubic to ``smart_resize(h, w, patch_size * merge_size, min_pixels, max_pixels)``, scaled to [0, 1],
@@ -1271,6 +1319,11 @@ class QwenVLImageProcessor(BaseImageProcessor):
             raise TypeError(f"allow_larger_items must be True or False, got {_short(allow_larger_items)}")
         super().__init__()
         min_pixels, max_pixels = _pixels_from_size(size, min_pixels, max_pixels)
+        # Unset bounds are qwen-vl-utils' image defaults, 4 and 16384 merged tokens of the side multiple: 3136 and
+        # 12845056 (the official Qwen2/2.5 values) for 28, 4096 and 16777216 for Qwen3-VL's 32.
+        factor = _check_positive_int(patch_size, "patch_size") * _check_positive_int(merge_size, "merge_size")
+        min_pixels = IMAGE_MIN_TOKENS * factor**2 if min_pixels is None else min_pixels
+        max_pixels = IMAGE_MAX_TOKENS * factor**2 if max_pixels is None else max_pixels
         options = _checked_options(
             dict(
                 do_resize=do_resize,
@@ -1281,8 +1334,8 @@ class QwenVLImageProcessor(BaseImageProcessor):
                 image_mean=image_mean,
                 image_std=image_std,
                 do_convert_rgb=do_convert_rgb,
-                min_pixels=DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels,
-                max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+                min_pixels=min_pixels,
+                max_pixels=max_pixels,
                 patch_size=patch_size,
                 temporal_patch_size=temporal_patch_size,
                 merge_size=merge_size,
@@ -1444,7 +1497,7 @@ class QwenVLImageProcessor(BaseImageProcessor):
         else:
             (height, width), low, high = resized, IMAGE_MIN_TOKENS * factor**2, IMAGE_MAX_TOKENS * factor**2
         if not self.allow_larger_items:
-            high = min(high, video_frame_budget(length, options["temporal_patch_size"]))
+            high = min(high, video_frame_budget(length, options["temporal_patch_size"], factor))
         return smart_resize(height, width, factor, min(low, high), high)
 
     def _image_pixels(self, image, options: dict, resized) -> np.ndarray:

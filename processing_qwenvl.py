@@ -1,9 +1,11 @@
-"""Processor for Qwen2.5-VL and Qwen2-VL: turns text, images and videos into model inputs.
+"""Processor for Qwen2.5-VL, Qwen2-VL and Qwen3-VL: turns text, images and videos into model inputs.
 
 Text carries one placeholder per image (`<|image_pad|>`) and per video (`<|video_pad|>`), normally written by the
 chat template between `<|vision_start|>` and `<|vision_end|>`. The processor runs the vision inputs through
 `QwenVLImageProcessor` and widens each placeholder to as many copies as the vision encoder will produce merged
 tokens for it (`grid_t * grid_h * grid_w / merge_size**2`), so the model can scatter vision features into them.
+Qwen3-VL writes a video differently: each temporal patch is its own span after its time in plain text,
+`<0.3 seconds><|vision_start|>{pads}<|vision_end|><1.3 seconds><|vision_start|>...` (see `video_timestamps`).
 
 Images and videos both go through the image processor: there is deliberately no `video_processor` part, because
 transformers 5.x validates that part against a registry that exists only when torchvision is installed.
@@ -30,6 +32,10 @@ except ImportError:
     from image_processing_qwenvl import (
         QwenVLImageProcessor, _short, check_fps, image_list, load_image, load_video, video_list,
     )
+
+# The processor's family is in its image processor's config: Qwen3-VL's official preprocessor_config.json has
+# patch_size 16, Qwen2-VL's and Qwen2.5-VL's 14. Only Qwen3-VL writes video time into the text.
+TIMESTAMPED_VIDEO_PATCH_SIZE = 16
 
 
 # What differs between transformers 4.x and 5.x for this file, and all that it does about it:
@@ -180,6 +186,14 @@ class QwenVLProcessor(ProcessorMixin):
         """The image processor's video side, for engines that look for a video part (see `QwenVLVideoView`)."""
         return QwenVLVideoView(self.image_processor)
 
+    @property
+    def video_timestamps(self) -> bool:
+        """Whether videos are written Qwen3-VL's way: each temporal patch its own `<|vision_start|>...<|vision_end|>`
+        span after its time as text (`<1.3 seconds>`), and no `second_per_grid_ts`. True when the image processor
+        has Qwen3-VL's 16-px patches (its official preprocessor_config.json), False for Qwen2-VL's and Qwen2.5-VL's
+        14 px."""
+        return self.image_processor.patch_size == TIMESTAMPED_VIDEO_PATCH_SIZE
+
     # ---- main entry point ----------------------------------------------------------------------------------
 
     def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
@@ -206,7 +220,8 @@ class QwenVLProcessor(ProcessorMixin):
         Returns:
             BatchFeature with `input_ids`, `attention_mask`, `mm_token_type_ids` (0 text, 1 image, 2 video) when
             text is given; `pixel_values`, `image_grid_thw` for images; `pixel_values_videos`, `video_grid_thw`,
-            `second_per_grid_ts` (temporal_patch_size / fps, seconds per temporal patch) for videos. With
+            `second_per_grid_ts` (temporal_patch_size / fps, seconds per temporal patch) for videos (Qwen2/2.5; a
+            Qwen3-VL processor writes each temporal patch's time into the text instead: `video_timestamps`). With
             `return_text_replacement_offsets=True`, also `text_replacement_offsets`: per sample, one dict per
             placeholder in order (`type` "image" / "video", `span` in the text given, `new_span` in the widened
             text, `text` the placeholder, `replacement` what it became), as transformers' processors report them;
@@ -250,12 +265,21 @@ class QwenVLProcessor(ProcessorMixin):
         items = []
         for video, video_fps in zip(videos, fps_per_video):
             if isinstance(video, (str, os.PathLike)):
-                frames, sampled_fps = load_video(os.fspath(video), fps=video_fps)
+                frames, sampled_fps, times = self._read_video(os.fspath(video), dict(fps=video_fps))
                 budget.spend(self._decoded_video_tokens(frames), f"video {len(items)}")
-                items.append((frames, sampled_fps, True))
+                items.append((frames, sampled_fps, True, times))
             else:
-                items.append((video, video_fps, False))
+                items.append((video, video_fps, False, None))
         return items
+
+    def _read_video(self, video, options: dict) -> tuple:
+        """`load_video` with an item's options: (frames, sampled fps, frame times). A Qwen3-VL processor reads at
+        its own side multiple (patch_size * merge_size: 32, with the video bounds of 32) and keeps each frame's time
+        for the text; the Qwen2/2.5 ones read as qwen-vl-utils' defaults (28), and need no times (None)."""
+        if not self.video_timestamps:
+            return (*load_video(video, **options), None)
+        factor = self.image_processor.patch_size * self.image_processor.merge_size
+        return load_video(video, **options, factor=factor, return_frame_times=True)
 
     def _build(
         self,
@@ -273,8 +297,9 @@ class QwenVLProcessor(ProcessorMixin):
         """Encode the loaded media, widen the placeholders and tokenize.
 
         `texts` are already checked against the media counts. `image_items` are (image, options) pairs, encoded
-        one at a time and charged to `budget` as they come. `video_items` are (frames, fps, charged) triples of
-        sampled frames; `charged` says whether the budget already holds their tokens (decoded videos). `text_escape`
+        one at a time and charged to `budget` as they come. `video_items` are (frames, fps, charged, frame times)
+        of sampled frames; `charged` says whether the budget already holds their tokens (decoded videos); the
+        frame times (seconds, from `load_video`) are None for frames given as such, which are `fps` apart. `text_escape`
         (chat only) is the `_TextEscape` that hid user text's special tokens in `texts`.
         """
         data, offsets = {}, None
@@ -284,16 +309,23 @@ class QwenVLProcessor(ProcessorMixin):
             image_features = _concat(encoded)
             image_counts = self._tokens_per_grid(image_features["image_grid_thw"])
             data.update(image_features)
+        video_texts = []
         if video_items:
             video_features = _concat([self._encode_charged_video(item, budget) for item in video_items])
             video_counts = self._tokens_per_grid(video_features["video_grid_thw"])
             data.update(video_features)
-            data["second_per_grid_ts"] = [self.image_processor.temporal_patch_size / fps for _, fps, _ in video_items]
+            if self.video_timestamps:  # time is in the text, not in the positions
+                video_texts = self._timestamped_videos(video_features["video_grid_thw"], video_items)
+            else:
+                tp = self.image_processor.temporal_patch_size
+                data["second_per_grid_ts"] = [tp / fps for _, fps, _, _ in video_items]
+                video_texts = [self.video_token * count for count in video_counts]
         # Decoded videos were charged from their frames' sizes; the grids made have the final word.
         _TokenBudget(budget.limit).spend(sum(image_counts) + sum(video_counts), "its media")
 
         if texts is not None:
-            texts, offsets = self._expand_placeholders(texts, image_counts, video_counts)
+            image_texts = [self.image_token * count for count in image_counts]
+            texts, offsets = self._expand_placeholders(texts, image_texts, video_texts)
             encoding = self._tokenize(texts, self._splits(split_special_tokens), text_escape, **tokenizer_kwargs)
             self._check_spans_kept(texts, encoding["input_ids"])
             data.update(encoding)
@@ -338,7 +370,7 @@ class QwenVLProcessor(ProcessorMixin):
         return features
 
     def _encode_charged_video(self, item: tuple, budget: "_TokenBudget") -> dict:
-        frames, _, charged = item
+        frames, _, charged, _ = item
         features = self._encode_video(frames)
         if not charged:  # frames given as such: counted once encoded, as images are
             budget.spend(self._tokens_per_grid(features["video_grid_thw"])[0], "a video given as frames")
@@ -357,6 +389,18 @@ class QwenVLProcessor(ProcessorMixin):
     def _tokens_per_grid(self, grid_thw: torch.Tensor) -> list[int]:
         """Merged vision tokens per image / video: every merge_size x merge_size block of patches is one token."""
         return [int(t * h * w) // self.image_processor.merge_size**2 for t, h, w in grid_thw.tolist()]
+
+    def _timestamped_videos(self, grid_thw: torch.Tensor, video_items: list) -> list[str]:
+        """Each video's text in Qwen3-VL's layout: per temporal patch, `<t seconds>` (the mean time of its first and
+        last frame) and a span of its pads. Frames given as such are `fps` apart from 0 s; decoded ones carry their
+        times in the clip."""
+        tp = self.image_processor.temporal_patch_size
+        texts, counts = [], self._tokens_per_grid(grid_thw)
+        for grid, count, (frames, fps, _, times) in zip(grid_thw.tolist(), counts, video_items):
+            times = [index / fps for index in range(len(frames))] if times is None else times
+            stamps = temporal_patch_timestamps(times, tp)  # one per temporal patch, as the grid counts them
+            texts.append(timestamped_video_text(stamps, self.video_token * (count // grid[0])))
+        return texts
 
     # ---- text ------------------------------------------------------------------------------------------------
 
@@ -402,30 +446,39 @@ class QwenVLProcessor(ProcessorMixin):
         )
 
     def _expand_placeholders(
-        self, texts: list[str], image_counts: list[int], video_counts: list[int]
+        self, texts: list[str], image_texts: list[str], video_texts: list[str]
     ) -> tuple[list[str], list[list[dict]]]:
-        """Repeat each placeholder as many times as its image / video has tokens, in order across the batch.
+        """Replace each placeholder by its image's / video's text (its pads; a Qwen3-VL video's timestamped spans),
+        in order across the batch.
 
         Returns the widened texts and, per sample, where each placeholder was and what it became (see `__call__`).
         """
-        tokens_left = {self.image_token: iter(image_counts), self.video_token: iter(video_counts)}
-        widened = [self._widen_sample(sample, tokens_left) for sample in texts]
+        texts_left = {"image": iter(image_texts), "video": iter(video_texts)}
+        widened = [self._widen_sample(sample, texts_left) for sample in texts]
         return [text for text, _ in widened], [offsets for _, offsets in widened]
 
-    def _widen_sample(self, sample: str, tokens_left: dict) -> tuple[str, list[dict]]:
-        """One sample's placeholders widened, taking each item's token count from `tokens_left` in order."""
-        kinds = {self.image_token: "image", self.video_token: "video"}
-        pattern = re.compile(f"{re.escape(self.image_token)}|{re.escape(self.video_token)}")
+    def _placeholder_pattern(self) -> re.Pattern:
+        """What a placeholder is in the text. A Qwen3-VL video's spans bring their own <|vision_start|> and
+        <|vision_end|>, so there the template's whole `<|vision_start|><|video_pad|><|vision_end|>` is replaced
+        (as the Qwen code does; a bare `<|video_pad|>` too)."""
+        placeholders = [self.image_token, self.video_token]
+        if self.video_timestamps:
+            placeholders.insert(0, f"<|vision_start|>{self.video_token}<|vision_end|>")
+        return re.compile("|".join(re.escape(placeholder) for placeholder in placeholders))
+
+    def _widen_sample(self, sample: str, texts_left: dict) -> tuple[str, list[dict]]:
+        """One sample's placeholders widened, taking each item's text from `texts_left` in order."""
         pieces, offsets, end, length = [], [], 0, 0
-        for match in pattern.finditer(sample):
-            replacement = match.group() * next(tokens_left[match.group()])
+        for match in self._placeholder_pattern().finditer(sample):
+            kind = "image" if match.group() == self.image_token else "video"
+            replacement = next(texts_left[kind])
             before = sample[end : match.start()]
             start = length + len(before)
             pieces += [before, replacement]
             length = start + len(replacement)
             offsets.append(
                 {
-                    "type": kinds[match.group()],
+                    "type": kind,
                     "span": match.span(),
                     "new_span": (start, start + len(replacement)),
                     "text": match.group(),
@@ -583,7 +636,8 @@ class QwenVLProcessor(ProcessorMixin):
         `split_special_tokens=True` makes it text), so that no conversation takes another's media.
 
         Returns the prompt string (a list for a batch) unless `tokenize`; then the `input_ids`, or with
-        `return_dict` the same BatchFeature as `__call__`, with `second_per_grid_ts` from each video's sampled fps.
+        `return_dict` the same BatchFeature as `__call__`, with `second_per_grid_ts` from each video's sampled fps
+        (Qwen3-VL: the `<t seconds>` of each temporal patch, from its frames' times in the clip).
         """
         conversations, is_batched = _as_conversation_list(conversation)
         for conv in conversations:
@@ -659,9 +713,9 @@ class QwenVLProcessor(ProcessorMixin):
                     image_items.append((_item_source(item, IMAGE_SOURCE_KEYS), options))
                 else:
                     options = _item_options(item, defaults, VIDEO_OPTIONS)
-                    frames, fps = load_video(_item_source(item, VIDEO_SOURCE_KEYS), **options)
+                    frames, fps, times = self._read_video(_item_source(item, VIDEO_SOURCE_KEYS), options)
                     budget.spend(self._decoded_video_tokens(frames), f"a video of conversation {conv_index}")
-                    video_items.append((frames, fps, True))
+                    video_items.append((frames, fps, True, times))
         return image_items, video_items
 
     # ---- decoding and serving --------------------------------------------------------------------------------
@@ -720,6 +774,28 @@ class QwenVLVideoView:
     def __init__(self, image_processor: QwenVLImageProcessor):
         self.temporal_patch_size = image_processor.temporal_patch_size
         self.size = image_processor.size
+
+
+# ---- video timestamps (Qwen3-VL) -------------------------------------------------------------------------------
+
+
+def temporal_patch_timestamps(frame_times: list[float], temporal_patch_size: int) -> list[float]:
+    """The time of each temporal patch of frames at `frame_times` (seconds): the mean of its first and last frame's.
+
+    The frames are padded to whole patches by repeating the last one, with its time. Frame times come from the
+    sampled frame indices over the clip's own (source) frame rate: a sampled rate would shift every stamp of a clip
+    whose frames were not sampled from 0 at exactly that rate.
+    """
+    times = list(frame_times) + [frame_times[-1]] * (-len(frame_times) % temporal_patch_size)
+    return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
+
+
+def timestamped_video_text(timestamps: list[float], patch_pads: str) -> str:
+    """A video's text in Qwen3-VL's layout: `<t seconds><|vision_start|>{patch_pads}<|vision_end|>` per temporal
+    patch, t with one decimal (Python's rounding: 0.25 gives "0.2"), as the Qwen code (transformers 4.57's
+    Qwen3VLProcessor, the official training data) writes it. transformers 5.x keeps the template's outer
+    `<|vision_start|>...<|vision_end|>` around all of it; the model was trained without."""
+    return "".join(f"<{time:.1f} seconds><|vision_start|>{patch_pads}<|vision_end|>" for time in timestamps)
 
 
 # ---- input normalisation ---------------------------------------------------------------------------------------
