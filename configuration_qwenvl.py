@@ -308,6 +308,8 @@ def _official_text_fields(kwargs):
         text_config = text_config if isinstance(text_config, dict) else text_config.to_dict()
         if str(text_config.get("model_type", "")).startswith("qwen3_vl"):  # the Qwen3 decoder norms q and k per head
             fields["qk_norm"] = True
+        if "num_local_experts" in text_config:  # transformers 5's name for num_experts
+            fields["num_experts"] = text_config["num_local_experts"]
         for key, value in text_config.items():
             if key in TEXT_DEFAULTS or key in ("rope_scaling", "rope_parameters", "use_sliding_window"):
                 fields[key] = value

@@ -68,6 +68,18 @@ except ImportError:
     register_checkpoint_conversion_mapping = None
 # 4. 5.x saves weights back in the layout they were loaded from unless told otherwise.
 SAVES_ORIGINAL_FORMAT = "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+# 5. 5.x's built-in Qwen3-VL MoE holds its fused experts as [E, 2I, hidden] and saves them so; the official files and
+#    4.x hold [E, hidden, 2I] (ours too). On 5.x a converter registered under our name transposes the former on load
+#    (it leaves a tensor alone whose shape is already ours). Used in "Loading and saving".
+try:
+    from transformers.core_model_loading import Transpose, WeightConverter
+
+    EXPERT_CONVERTERS = [
+        WeightConverter(f"mlp.experts.{name}", f"mlp.experts.{name}", operations=[Transpose(1, 2, check_dims=True)])
+        for name in ("gate_up_proj", "down_proj")
+    ]
+except ImportError:
+    EXPERT_CONVERTERS = []
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -1633,7 +1645,7 @@ LAYER_PATTERNS = (
 if register_checkpoint_conversion_mapping is not None:
     register_checkpoint_conversion_mapping(
         "QwenVLForConditionalGeneration",
-        [WeightRenaming(source, target) for source, target in HUB_KEY_MAPPING.items()],
+        [WeightRenaming(source, target) for source, target in HUB_KEY_MAPPING.items()] + EXPERT_CONVERTERS,
         overwrite=True,  # this file may be imported twice: from a checkout and as a model directory's remote code
     )
 
