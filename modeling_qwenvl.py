@@ -1236,6 +1236,12 @@ class QwenVLModel(QwenVLPreTrainedModel):
         self.language_model = QwenVLTextModel(config)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Also reads Qwen3-VL's hub names (see QWEN3_KEY_MAPPING)."""
+        kwargs.setdefault("key_mapping", QWEN3_KEY_MAPPING)
+        return super().from_pretrained(*args, **kwargs)
+
     def get_input_embeddings(self):
         return self.language_model.embed_tokens
 
@@ -1603,8 +1609,9 @@ HUB_KEY_MAPPING = {
 }
 # Qwen3-VL's hub files name the vision MLP and the mergers differently from our modules (`linear_fc1` for `fc1`,
 # `norm` / `linear_fc1` / `linear_fc2` for `ln_q` / `mlp.0` / `mlp.2`); read on load, written back on save.
-QWEN3_MERGERS = r"^(model\.visual\.(?:merger|deepstack_merger_list\.\d+)\.)"
-QWEN3_VISION_MLP = r"^(model\.visual\.blocks\.\d+\.mlp\.)"  # transformers 5 takes one group per pattern
+# Prefixed with `model.` or not (QwenVLModel strips it); transformers 5 takes one group per pattern.
+QWEN3_MERGERS = r"^((?:model\.)?visual\.(?:merger|deepstack_merger_list\.\d+)\.)"
+QWEN3_VISION_MLP = r"^((?:model\.)?visual\.blocks\.\d+\.mlp\.)"
 QWEN3_KEY_MAPPING = {
     QWEN3_VISION_MLP + r"linear_fc1\.": r"\1fc1.",
     QWEN3_VISION_MLP + r"linear_fc2\.": r"\1fc2.",
@@ -1645,9 +1652,11 @@ LAYER_PATTERNS = (
 if register_checkpoint_conversion_mapping is not None:
     register_checkpoint_conversion_mapping(
         "QwenVLForConditionalGeneration",
-        [WeightRenaming(source, target) for source, target in HUB_KEY_MAPPING.items()] + EXPERT_CONVERTERS,
+        [WeightRenaming(source, target) for source, target in HUB_KEY_MAPPING.items()],
         overwrite=True,  # this file may be imported twice: from a checkout and as a model directory's remote code
     )
+    # Looked up per module class: the body's converters serve it alone (AutoModel) and inside the whole model.
+    register_checkpoint_conversion_mapping("QwenVLModel", EXPERT_CONVERTERS, overwrite=True)
 
 
 def refuse_engine_without_deepstack(config):
