@@ -114,6 +114,8 @@ def test_positions_match_the_builtin(pair, name):
     got, deltas = ours.model.get_rope_index(inputs["input_ids"], **grids)
     mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
     assert torch.equal(got[:, mask], expected[:, mask])
+    if transformers.__version__.startswith("4."):  # 4.57 counts padding in the length (its decoding then adds the
+        deltas = deltas.flatten() - (~mask).sum(-1)  # padded cache position: the same positions either way)
     assert torch.equal(deltas.flatten(), expected_deltas.flatten())
 
 
