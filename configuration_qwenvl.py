@@ -52,8 +52,16 @@ class QwenVLVisionConfig(PretrainedConfig):
         rope_theta=10000.0,
         initializer_range=0.02,
         max_patches_per_chunk=65536,
+        patch_embed_bias=False,
+        num_position_embeddings=None,
+        deepstack_visual_indexes=None,
+        text_timestamps=False,
         **kwargs,
     ):
+        if str(kwargs.get("model_type", "")).startswith("qwen3_vl"):  # the official Qwen3-VL file names only sizes
+            patch_embed_bias, text_timestamps = True, True
+            norm_type, gated_mlp = "layernorm", False
+            window_size, fullatt_block_indexes, tokens_per_second = None, None, None
         if "embed_dim" in kwargs:  # Qwen2-VL naming: hidden_size is the merger's output there
             out_hidden_size = hidden_size
             hidden_size = kwargs.pop("embed_dim")
@@ -84,6 +92,12 @@ class QwenVLVisionConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         # The vision tower encodes larger inputs in chunks of whole frames (bounded memory, same result).
         self.max_patches_per_chunk = max_patches_per_chunk
+        # Qwen3-VL: a patch bias, a learned position table resampled to each grid, DeepStack mergers reading the
+        # outputs of these blocks, and video time written as text (each temporal patch its own span).
+        self.patch_embed_bias = patch_embed_bias
+        self.num_position_embeddings = num_position_embeddings
+        self.deepstack_visual_indexes = list(deepstack_visual_indexes) if deepstack_visual_indexes is not None else None
+        self.text_timestamps = text_timestamps
         self._validate()
 
     def _validate(self):
@@ -112,6 +126,20 @@ class QwenVLVisionConfig(PretrainedConfig):
             bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
             if bad:
                 raise ValueError(f"fullatt_block_indexes {bad} are outside the {self.depth} vision blocks")
+        self._validate_qwen3()
+
+    def _validate_qwen3(self):
+        if self.num_position_embeddings is not None and math.isqrt(self.num_position_embeddings) ** 2 != self.num_position_embeddings:
+            raise ValueError(
+                f"vision_config.num_position_embeddings ({self.num_position_embeddings}) must be a square number: "
+                "the table is a square grid"
+            )
+        if self.deepstack_visual_indexes is not None:
+            bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
+            if bad:
+                raise ValueError(f"deepstack_visual_indexes {bad} are outside the {self.depth} vision blocks")
+        if self.text_timestamps and self.tokens_per_second is not None:
+            raise ValueError("text_timestamps (video time in the text) and tokens_per_second (time on the rotary axis) exclude each other")
 
     @property
     def uses_window_attention(self):
@@ -150,6 +178,16 @@ class QwenVLConfig(PretrainedConfig):
         video_token_id=151656,
         vision_start_token_id=151652,
         vision_end_token_id=151653,
+        head_dim=None,
+        attention_bias=True,
+        qk_norm=False,
+        mrope_interleaved=False,
+        num_experts=0,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=(),
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -170,12 +208,29 @@ class QwenVLConfig(PretrainedConfig):
         self.video_token_id = video_token_id
         self.vision_start_token_id = vision_start_token_id
         self.vision_end_token_id = vision_end_token_id
+        # Qwen3-VL's decoder: an explicit head size (None: hidden_size / heads), q/k/v without bias, a per-head
+        # RMSNorm on q and k before the rotary, M-RoPE frequencies interleaved over the axes, and with num_experts
+        # > 0 sparse MLPs (top-k of num_experts SwiGLU experts) in every decoder_sparse_step-th layer not listed in
+        # mlp_only_layers.
+        self.head_dim = head_dim
+        self.attention_bias = attention_bias
+        self.qk_norm = qk_norm
+        self.mrope_interleaved = mrope_interleaved
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size
+        self.norm_topk_prob = norm_topk_prob
+        self.decoder_sparse_step = decoder_sparse_step
+        self.mlp_only_layers = list(mlp_only_layers)
         self.mrope_section = list(self.mrope_section)
         for name, value in _official_text_fields(kwargs).items():  # the other shapes fill the fields not given
             if getattr(self, name) == TEXT_DEFAULTS[name]:
                 setattr(self, name, value)
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.mrope_section = list(self.mrope_section)
+        self.mlp_only_layers = list(self.mlp_only_layers)
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
         if isinstance(vision_config, dict):
             vision_config = QwenVLVisionConfig(**vision_config)
         self.vision_config = vision_config if vision_config is not None else QwenVLVisionConfig()
@@ -187,12 +242,15 @@ class QwenVLConfig(PretrainedConfig):
 
     @property
     def family(self):
-        """Which generation this config describes, read from its switches: "qwen2_5_vl" or "qwen2_vl"."""
+        """Which generation this config describes, read from its switches: "qwen3_vl" (dense or MoE), "qwen2_5_vl"
+        or "qwen2_vl"."""
+        if self.vision_config.deepstack_visual_indexes is not None:
+            return "qwen3_vl"
         return "qwen2_5_vl" if self.vision_config.norm_type == "rmsnorm" else "qwen2_vl"
 
-    @property
-    def head_dim(self):
-        return self.hidden_size // self.num_attention_heads
+    def is_sparse_layer(self, index):
+        """Whether decoder layer `index` has the mixture of experts instead of the dense MLP."""
+        return self.num_experts > 0 and index not in self.mlp_only_layers and (index + 1) % self.decoder_sparse_step == 0
 
     def _validate(self):
         check_sizes(
@@ -200,6 +258,13 @@ class QwenVLConfig(PretrainedConfig):
             "num_key_value_heads", "max_position_embeddings",
         )
         check_positive_finite("config", self, "rope_theta", "rms_norm_eps")
+        check_sizes("config", self, "head_dim")
+        if self.num_experts:
+            check_sizes("config", self, "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step")
+            if self.num_experts_per_tok > self.num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) must not exceed num_experts ({self.num_experts})"
+                )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -241,6 +306,10 @@ def _official_text_fields(kwargs):
     text_config = kwargs.pop("text_config", None)
     if text_config is not None:
         text_config = text_config if isinstance(text_config, dict) else text_config.to_dict()
+        if str(text_config.get("model_type", "")).startswith("qwen3_vl"):  # the Qwen3 decoder norms q and k per head
+            fields["qk_norm"] = True
+        if "num_local_experts" in text_config:  # transformers 5's name for num_experts
+            fields["num_experts"] = text_config["num_local_experts"]
         for key, value in text_config.items():
             if key in TEXT_DEFAULTS or key in ("rope_scaling", "rope_parameters", "use_sliding_window"):
                 fields[key] = value
@@ -254,7 +323,7 @@ def _official_text_fields(kwargs):
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("mrope", "default"):
             raise ValueError(f"rope type {rope_type!r} is not supported by qwenvl (only M-RoPE)")
-        for name in ("mrope_section", "rope_theta"):
+        for name in ("mrope_section", "rope_theta", "mrope_interleaved"):
             if name in rope:
                 fields[name] = rope[name]
     if fields.pop("use_sliding_window", False):

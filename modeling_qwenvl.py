@@ -68,6 +68,18 @@ except ImportError:
     register_checkpoint_conversion_mapping = None
 # 4. 5.x saves weights back in the layout they were loaded from unless told otherwise.
 SAVES_ORIGINAL_FORMAT = "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+# 5. 5.x's built-in Qwen3-VL MoE holds its fused experts as [E, 2I, hidden] and saves them so; the official files and
+#    4.x hold [E, hidden, 2I] (ours too). On 5.x a converter registered under our name transposes the former on load
+#    (it leaves a tensor alone whose shape is already ours). Used in "Loading and saving".
+try:
+    from transformers.core_model_loading import Transpose, WeightConverter
+
+    EXPERT_CONVERTERS = [
+        WeightConverter(f"mlp.experts.{name}", f"mlp.experts.{name}", operations=[Transpose(1, 2, check_dims=True)])
+        for name in ("gate_up_proj", "down_proj")
+    ]
+except ImportError:
+    EXPERT_CONVERTERS = []
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -187,16 +199,18 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.temporal_patch_size = config.temporal_patch_size
         kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
-        self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel, stride=kernel, bias=False)
+        self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel, stride=kernel, bias=config.patch_embed_bias)
 
     def forward(self, pixel_values):  # [N, C*T*P*P] -> [N, hidden]
         weight = self.proj.weight  # [hidden, C, T, P, P]
         frames = pixel_values.view(pixel_values.shape[0], weight.shape[1], self.temporal_patch_size, -1)
         if torch.equal(frames[:, :, :1].expand_as(frames), frames):
-            # a still image is its frame repeated: sum the kernel over time and read one frame
+            # a still image is its frame repeated: sum the kernel over time and read one frame (the bias once)
             folded = weight.sum(2).flatten(1)
-            return frames[:, :, 0].reshape(frames.shape[0], -1).to(folded.dtype) @ folded.t()
-        return pixel_values.to(weight.dtype) @ weight.flatten(1).t()
+            out = frames[:, :, 0].reshape(frames.shape[0], -1).to(folded.dtype) @ folded.t()
+        else:
+            out = pixel_values.to(weight.dtype) @ weight.flatten(1).t()
+        return out if self.proj.bias is None else out + self.proj.bias
 
 
 # ======================================================================================================================
@@ -228,6 +242,28 @@ def vision_rotary_tables(config, grid_thw, device):
     table = torch.arange(int(grid_thw[:, 1:].max()), device=device, dtype=torch.float)[:, None] * inv_freq.to(device)
     angles = table[hw].flatten(1)  # [N, D/2]: h frequencies then w frequencies
     return angles.cos(), angles.sin()
+
+
+def position_table_taps(config, grid_thw, device):
+    """Where each patch reads the learned position table (Qwen3-VL), and how much. -> index [N, 4], weight [N, 4]
+
+    The side x side table is resampled bilinearly to each frame's h x w patch grid with aligned corners (patch row r
+    sits at table row r * (side - 1) / (h - 1)), put in merge order like the patches, and repeated for every frame.
+    The four taps of each patch are its neighbours (floor and ceiling in each direction); weights in float32."""
+    side = math.isqrt(config.num_position_embeddings)
+    merge = config.spatial_merge_size
+    indices, weights = [], []
+    for t, h, w in grid_thw.tolist():
+        rows, cols = torch.linspace(0, side - 1, h), torch.linspace(0, side - 1, w)
+        row0, col0 = rows.long(), cols.long()
+        row1, col1 = (row0 + 1).clamp(max=side - 1), (col0 + 1).clamp(max=side - 1)
+        dr, dc = (rows - row0)[:, None], (cols - col0)[None, :]
+        index = torch.stack([r[:, None] * side + c[None, :] for r in (row0, row1) for c in (col0, col1)], -1)
+        weight = torch.stack([(1 - dr) * (1 - dc), (1 - dr) * dc, dr * (1 - dc), dr * dc], -1)
+        for raster, out in ((index, indices), (weight, weights)):  # [h, w, 4] -> merge order [h*w, 4], per frame
+            merged = raster.view(h // merge, merge, w // merge, merge, 4).transpose(1, 2).reshape(-1, 4)
+            out.append(merged.repeat(t, 1))
+    return torch.cat(indices).to(device), torch.cat(weights).to(device)
 
 
 def get_window_index(grid_thw, window_size, spatial_merge_size, patch_size):
@@ -423,12 +459,16 @@ class GridPlan:
     windows: list | None = None  # [Slice] window attention (Qwen2.5-VL)
     window_index: torch.Tensor | None = None  # [M] merged-token order of the blocks
     inverse_index: torch.Tensor | None = None  # [M] back to raster order
+    table_index: torch.Tensor | None = None  # [N, 4] learned position table taps (Qwen3-VL), merge order
+    table_weight: torch.Tensor | None = None  # [N, 4] float32
 
 
 def plan_grids(config, grid_thw, device):
     cos, sin = vision_rotary_tables(config, grid_thw, device)
     max_rows = rows_per_slice(3 * config.hidden_size, torch.device(device))
     plan = GridPlan(cos, sin, segment_slices(frame_seqlens(grid_thw), max_rows, device))
+    if config.num_position_embeddings is not None:
+        plan.table_index, plan.table_weight = position_table_taps(config, grid_thw, device)
     if config.uses_window_attention:
         window_index, cu_window_seqlens = get_window_index(
             grid_thw, config.window_size, config.spatial_merge_size, config.patch_size
@@ -546,18 +586,25 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """Norm each patch, concatenate each 2x2 group, project to the language model's width."""
+    """Norm each patch, concatenate each 2x2 group, project to the language model's width.
 
-    def __init__(self, config):
+    A DeepStack merger (Qwen3-VL, `post_shuffle_norm`) concatenates first and norms the whole group."""
+
+    def __init__(self, config, post_shuffle_norm=False):
         super().__init__()
         self.group_dim = config.hidden_size * config.spatial_merge_size**2
-        self.ln_q = make_norm(config.norm_type, config.hidden_size)
+        self.post_shuffle_norm = post_shuffle_norm
+        self.ln_q = make_norm(config.norm_type, self.group_dim if post_shuffle_norm else config.hidden_size)
         self.mlp = nn.Sequential(
             nn.Linear(self.group_dim, self.group_dim), nn.GELU(), nn.Linear(self.group_dim, config.out_hidden_size)
         )
 
     def forward(self, x):  # [N, hidden] -> [M, out_hidden]
-        return self.mlp(self.ln_q(x).view(-1, self.group_dim).to(self.mlp[0].weight.dtype))
+        if self.post_shuffle_norm:
+            groups = self.ln_q(x.view(-1, self.group_dim))
+        else:
+            groups = self.ln_q(x).view(-1, self.group_dim)
+        return self.mlp(groups.to(self.mlp[0].weight.dtype))
 
 
 def check_grid_thw(grid_thw, pixel_values, config):
@@ -601,7 +648,9 @@ PLAN_CACHE_LOCK = threading.Lock()
 class QwenVLVisionModel(QwenVLPreTrainedModel):
     """pixel_values [N, 3*2*14*14] + grid_thw [images, 3] -> merged tokens [M, out_hidden] in raster order.
 
-    Inputs larger than `config.max_patches_per_chunk` patches are encoded chunk by chunk (whole
+    With DeepStack (Qwen3-VL) each merged token also carries the features of the extra mergers, one per level, after
+    its own: [M, (1 + levels) * out_hidden] (vLLM's native Qwen3-VL widens its vision output the same way); see
+    `split_deepstack`. Inputs larger than `config.max_patches_per_chunk` patches are encoded chunk by chunk (whole
     frames), which bounds activation memory and gives the same result."""
 
     config_class = QwenVLVisionConfig
@@ -612,8 +661,14 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.patch_embed = PatchEmbed(config)
+        if config.num_position_embeddings is not None:
+            self.pos_embed = nn.Embedding(config.num_position_embeddings, config.hidden_size)
         self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
         self.merger = PatchMerger(config)
+        if config.deepstack_visual_indexes is not None:
+            self.deepstack_merger_list = nn.ModuleList(
+                [PatchMerger(config, post_shuffle_norm=True) for _ in config.deepstack_visual_indexes]
+            )
         self.gradient_checkpointing = False
         self._plans = {}  # grid shapes -> GridPlan, most recent last
         self.post_init()
@@ -629,8 +684,11 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
         plan = self.grid_plan(grid_thw, pixel_values.device)
         x = self.patch_embed(pixel_values)
         x = x.to(residual_dtype(x.dtype))
+        if plan.table_index is not None:
+            x = x + self.table_positions(plan).to(x.dtype)
         if plan.window_index is not None:
             x = to_window_order(x, plan.window_index)
+        deepstack = []
         for i, block in enumerate(self.blocks):
             full = plan.windows is None or i in self.config.fullatt_block_indexes
             slices = plan.frames if full else plan.windows
@@ -638,8 +696,19 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
                 x = self._gradient_checkpointing_func(block.__call__, x, slices, plan.cos, plan.sin)
             else:
                 x = block(x, slices, plan.cos, plan.sin)
-        merged = self.merger(x)
+            if self.config.deepstack_visual_indexes is not None and i in self.config.deepstack_visual_indexes:
+                level = self.config.deepstack_visual_indexes.index(i)
+                deepstack.append(self.deepstack_merger_list[level](x))
+        merged = torch.cat([self.merger(x), *deepstack], dim=-1) if deepstack else self.merger(x)
         return merged[plan.inverse_index] if plan.inverse_index is not None else merged
+
+    def table_positions(self, plan):
+        """The learned position table resampled to these grids (Qwen3-VL): [N, hidden], summed in float32."""
+        table = self.pos_embed.weight
+        out = table[plan.table_index[:, 0]].float() * plan.table_weight[:, :1]
+        for tap in range(1, 4):
+            out = out.addcmul_(table[plan.table_index[:, tap]].float(), plan.table_weight[:, tap : tap + 1])
+        return out
 
     def grid_plan(self, grid_thw, device):
         """The GridPlan of these grids, from the cache of recent ones. A server calls the model from several
@@ -677,7 +746,10 @@ def get_rope_index(
     batch, length = token_types.shape
     check_attention_mask(attention_mask, token_types.shape)
     valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(token_types, dtype=torch.bool)
-    spans = {1: VisionSpans(image_grid_thw, None, "image"), 2: VisionSpans(video_grid_thw, second_per_grid_ts, "video")}
+    if config.vision_config.text_timestamps:  # Qwen3-VL: time is in the text, each temporal patch its own span
+        spans = {1: VisionSpans(image_grid_thw, None, "image"), 2: VisionSpans(video_grid_thw, None, "video", per_frame=True)}
+    else:
+        spans = {1: VisionSpans(image_grid_thw, None, "image"), 2: VisionSpans(video_grid_thw, second_per_grid_ts, "video")}
     position_ids = torch.zeros(3, batch, length, dtype=torch.long)
     rope_deltas = torch.zeros(batch, 1, dtype=torch.long)
     for b in range(batch):
@@ -733,12 +805,14 @@ def runs_of(types):
 class VisionSpans:
     """Hands out the grids of one modality in order, checking them against the placeholders."""
 
-    def __init__(self, grid_thw, second_per_grid_ts, name):
+    def __init__(self, grid_thw, second_per_grid_ts, name, per_frame=False):
         if grid_thw is not None and not isinstance(grid_thw, torch.Tensor):
             raise TypeError(f"{name}_grid_thw must be a torch.Tensor of shape [n, 3], got {type(grid_thw).__name__}")
         if grid_thw is not None and (grid_thw.dim() != 2 or grid_thw.shape[1] != 3):
             raise ValueError(f"{name}_grid_thw must have shape [n, 3], got {tuple(grid_thw.shape)}")
         self.grids = grid_thw.tolist() if grid_thw is not None else []
+        if per_frame:  # each temporal patch is one span of its own, after its timestamp text (Qwen3-VL)
+            self.grids = [[1, h, w] for t, h, w in self.grids for _ in range(t)]
         self.seconds = None
         if second_per_grid_ts is not None:
             self.seconds = torch.as_tensor(second_per_grid_ts, dtype=torch.float64).flatten().tolist()
@@ -822,24 +896,38 @@ def text_positions(attention_mask, past_length, new_length, rope_deltas, device)
 # ======================================================================================================================
 
 
+def mrope_axes(mrope_section, interleaved):
+    """The axis (0 time, 1 height, 2 width) that turns each frequency pair, highest frequency first.
+
+    Chunked (Qwen2/2.5-VL): the first `mrope_section[0]` pairs turn with time, the next with height, the last with
+    width. Interleaved (Qwen3-VL, [24, 20, 20]): pairs cycle T H W, T H W, ... while each axis has pairs left, the
+    remainder turns with time, so every axis spans high and low frequencies."""
+    if not interleaved:
+        return [axis for axis, count in enumerate(mrope_section) for _ in range(count)]
+    axes = []
+    for i in range(sum(mrope_section)):
+        axis = i % 3
+        axes.append(axis if axis and i < 3 * mrope_section[axis] else 0)
+    return axes
+
+
 class MultimodalRotaryEmbedding(nn.Module):
-    """cos/sin for M-RoPE: the head's frequency pairs are split by `mrope_section` into
-    temporal, height and width parts, each turned by its own axis of position_ids."""
+    """cos/sin for M-RoPE: the head's frequency pairs are shared by `mrope_section` between the temporal, height and
+    width axes of position_ids (`mrope_axes`), each pair turned by its own axis."""
 
     def __init__(self, config):
         super().__init__()
         self.head_dim = config.head_dim
         self.theta = config.rope_theta
-        self.mrope_section = list(config.mrope_section)  # a plain list, not a buffer: models are built on the meta device
+        # a plain list, not a buffer: models are built on the meta device
+        self.axes = mrope_axes(list(config.mrope_section), config.mrope_interleaved)
 
     def forward(self, position_ids, dtype):  # position_ids: [3, B, L] -> 2 x [B, L, D]
         # Made on the positions' device: no host-to-device copy on a decoding step.
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=position_ids.device) / self.head_dim
         inv_freq = 1.0 / (self.theta**exponents)
-        positions = position_ids.float()
-        angles = torch.cat(
-            [positions[axis][..., None] * part for axis, part in enumerate(inv_freq.split(self.mrope_section))], dim=-1
-        )
+        positions = position_ids.float()[self.axes]  # [D/2, B, L]: each pair's axis
+        angles = positions.permute(1, 2, 0) * inv_freq
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -929,7 +1017,8 @@ def eager_attention_forward(module, q, k, v, mask, scaling, dropout=0.0, **kwarg
 
 
 class TextAttention(nn.Module):
-    """Grouped-query attention with q/k/v bias; any transformers attention backend by name."""
+    """Grouped-query attention with q/k/v bias (Qwen2) or without bias and with a per-head RMSNorm on q and k before
+    the rotary (Qwen3); any transformers attention backend by name."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -939,10 +1028,14 @@ class TextAttention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=True)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, **kwargs):  # x: [B, L, hidden]
         batch, length, _ = x.shape
@@ -950,8 +1043,11 @@ class TextAttention(nn.Module):
         # Transformers backend reads this source for exactly these shapes, to fuse q/k/v into one matmul and to
         # route attention to its own kernel.
         heads = (batch, length, -1, self.head_dim)
-        q = self.q_proj(x).view(heads).transpose(1, 2)
-        k = self.k_proj(x).view(heads).transpose(1, 2)
+        q = self.q_proj(x).view(heads)
+        k = self.k_proj(x).view(heads)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(heads).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
@@ -983,17 +1079,70 @@ class TextMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+class TextExperts(nn.Module):
+    """`num_experts` SwiGLU experts, fused as the official files store them: `gate_up_proj` [E, hidden, 2I] (gate in
+    the first I columns, up in the last), `down_proj` [E, I, hidden], applied as x @ W."""
+
+    def __init__(self, config):
+        super().__init__()
+        size = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, 2 * size))
+        self.down_proj = nn.Parameter(torch.empty(config.num_experts, size, config.hidden_size))
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x, expert):  # x: [tokens, hidden] -> [tokens, hidden], through expert number `expert`
+        gate, up = (x @ self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return (self.act(gate) * up) @ self.down_proj[expert]
+
+
+class TextMoE(nn.Module):
+    """The sparse MLP (Qwen3-VL MoE): a softmax router over all experts in float32, the top `num_experts_per_tok`
+    kept (renormalised to sum to 1 with `norm_topk_prob`), each token the weighted sum of its experts. No shared
+    experts. Only the experts some token chose run (their list is read on the host, once per layer)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = TextExperts(config)
+
+    def forward(self, x):  # [B, L, hidden]
+        tokens = x.reshape(-1, x.shape[-1])
+        probabilities = torch.softmax(self.gate(tokens), dim=-1, dtype=torch.float32)
+        weights, chosen = probabilities.topk(self.top_k, dim=-1)  # [T, k]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(tokens)
+        for expert in chosen.unique().tolist():
+            rows, slot = torch.where(chosen == expert)
+            out.index_add_(0, rows, self.experts(tokens[rows], expert) * weights[rows, slot, None])
+        return out.view(x.shape)
+
+
 class TextDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.self_attn = TextAttention(config, layer_idx)
-        self.mlp = TextMLP(config)
+        self.mlp = TextMoE(config) if config.is_sparse_layer(layer_idx) else TextMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, **kwargs):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, **kwargs)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepStack(NamedTuple):
+    """A prompt's DeepStack features (Qwen3-VL): after decoder layer k, `levels[k]` is added at the vision positions,
+    on the residual stream between layers."""
+
+    positions: torch.Tensor  # [B, L] bool: the <|image_pad|> and <|video_pad|> tokens
+    levels: torch.Tensor  # [levels, V, hidden]: one row per vision position, in sequence order
+
+    def add(self, x, level):  # x: [B, L, hidden]
+        return x.index_put((self.positions,), self.levels[level].to(x.dtype), accumulate=True)
 
 
 class QwenVLTextModel(QwenVLPreTrainedModel):
@@ -1028,20 +1177,27 @@ class QwenVLTextModel(QwenVLPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(self, inputs_embeds=None, position_ids=None, attention_mask=None, cache=None, input_ids=None, **kwargs):
+    def forward(
+        self, inputs_embeds=None, position_ids=None, attention_mask=None, cache=None, input_ids=None, deepstack=None,
+        **kwargs,
+    ):
         """`input_ids` stands in for `inputs_embeds` (engines such as vLLM call the decoder by these names);
-        `position_ids` [3, B, L] are required, since only the caller knows where images shifted them."""
+        `position_ids` [3, B, L] are required, since only the caller knows where images shifted them. `deepstack`
+        (Qwen3-VL, prompts with pixels): the DeepStack features added at the vision positions after the first
+        layers."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         past_length = cache.get_seq_length() if cache is not None else 0
         x = inputs_embeds
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         mask = causal_mask(attention_mask, past_length, x.shape[1], self.config._attn_implementation)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
                 x = self._gradient_checkpointing_func(layer.__call__, x, cos, sin, mask, cache)
             else:
                 x = layer(x, cos, sin, mask, cache, **kwargs)
+            if deepstack is not None and i < len(deepstack.levels):
+                x = deepstack.add(x, i)
         return self.norm(x)
 
 
@@ -1075,9 +1231,16 @@ class QwenVLModel(QwenVLPreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
+        refuse_engine_without_deepstack(config)
         self.visual = QwenVLVisionModel(config.vision_config)
         self.language_model = QwenVLTextModel(config)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Also reads Qwen3-VL's hub names (see QWEN3_KEY_MAPPING)."""
+        kwargs.setdefault("key_mapping", QWEN3_KEY_MAPPING)
+        return super().from_pretrained(*args, **kwargs)
 
     def get_input_embeddings(self):
         return self.language_model.embed_tokens
@@ -1132,10 +1295,15 @@ class QwenVLModel(QwenVLPreTrainedModel):
                 inputs_embeds = F.embedding(input_ids, embedding.weight, embedding.padding_idx, sparse=True)
             else:
                 inputs_embeds = embedding(input_ids)
+        deepstack = {}
         if pixel_values is not None:
-            inputs_embeds = self.scatter_vision(input_ids, inputs_embeds, pixel_values, image_grid_thw, "image")
+            inputs_embeds, deepstack["image"] = self.scatter_vision(
+                input_ids, inputs_embeds, pixel_values, image_grid_thw, "image"
+            )
         if pixel_values_videos is not None:
-            inputs_embeds = self.scatter_vision(input_ids, inputs_embeds, pixel_values_videos, video_grid_thw, "video")
+            inputs_embeds, deepstack["video"] = self.scatter_vision(
+                input_ids, inputs_embeds, pixel_values_videos, video_grid_thw, "video"
+            )
 
         if position_ids is None:
             position_ids, rope_deltas = self.positions(
@@ -1144,16 +1312,19 @@ class QwenVLModel(QwenVLPreTrainedModel):
             )
         else:
             position_ids = check_position_ids(position_ids, inputs_embeds.shape[:2])
-        hidden = self.language_model(inputs_embeds, position_ids, attention_mask, cache, **kwargs)
+        deepstack = deepstack_of(self.config, input_ids, deepstack)
+        hidden = self.language_model(inputs_embeds, position_ids, attention_mask, cache, deepstack=deepstack, **kwargs)
         return QwenVLModelOutput(last_hidden_state=hidden, rope_deltas=rope_deltas, **{CACHE_NAME: cache})
 
     def scatter_vision(self, input_ids, inputs_embeds, pixel_values, grid_thw, kind):
-        """Replace each <|image_pad|> (or <|video_pad|>) embedding, in order, by one vision token."""
+        """Replace each <|image_pad|> (or <|video_pad|>) embedding, in order, by one vision token.
+        -> (embeddings, DeepStack features [levels, placeholders, hidden] or None)"""
         if grid_thw is None:
             raise ValueError(f"{kind} pixel values were given without {kind}_grid_thw")
         if input_ids is None:
             raise ValueError(f"{kind} pixel values need input_ids to find the <|{kind}_pad|> placeholders")
         features = torch.cat(self._vision_features(pixel_values, grid_thw))
+        features, deepstack = split_deepstack(features, self.config.vision_config)
         token_id = self.config.image_token_id if kind == "image" else self.config.video_token_id
         placeholders = input_ids == token_id
         count = int(placeholders.sum())
@@ -1162,7 +1333,7 @@ class QwenVLModel(QwenVLPreTrainedModel):
                 f"{kind} features and {kind} tokens do not match: the text has {count} <|{kind}_pad|> tokens but "
                 f"{kind}_grid_thw gives {features.shape[0]} merged tokens; each {kind} needs t*h*w/4 placeholders"
             )
-        return inputs_embeds.masked_scatter(placeholders[..., None], features.to(inputs_embeds))
+        return inputs_embeds.masked_scatter(placeholders[..., None], features.to(inputs_embeds)), deepstack
 
     def positions(
         self, input_ids, inputs_embeds, attention_mask, past_length, image_grid_thw, video_grid_thw,
@@ -1185,6 +1356,32 @@ class QwenVLModel(QwenVLPreTrainedModel):
                 "or explicit position_ids: earlier images shift the positions of later text"
             )
         return text_positions(attention_mask, past_length, new_length, rope_deltas, inputs_embeds.device), rope_deltas
+
+
+def split_deepstack(features, vision_config):
+    """Merged tokens [M, (1 + levels) * hidden] -> main tokens [M, hidden], DeepStack features [levels, M, hidden]
+    (None without DeepStack)."""
+    if vision_config.deepstack_visual_indexes is None:
+        return features, None
+    parts = features.view(features.shape[0], 1 + len(vision_config.deepstack_visual_indexes), -1).transpose(0, 1)
+    return parts[0], parts[1:]
+
+
+def deepstack_of(config, input_ids, features):
+    """The prompt's DeepStack (or None): each modality's features {"image": [levels, n, hidden] or None, "video": ...}
+    placed in the sequence order of all vision positions, images and videos interleaved."""
+    features = {kind: levels for kind, levels in features.items() if levels is not None}
+    if not features:
+        return None
+    token_ids = {"image": config.image_token_id, "video": config.video_token_id}
+    positions = torch.zeros_like(input_ids, dtype=torch.bool)
+    for kind in features:
+        positions |= input_ids == token_ids[kind]
+    first = next(iter(features.values()))
+    levels = first.new_empty(first.shape[0], int(positions.sum()), first.shape[-1])
+    for kind, modality in features.items():
+        levels[:, input_ids[positions] == token_ids[kind]] = modality
+    return DeepStack(positions, levels)
 
 
 def vision_output(features, return_dict):
@@ -1228,7 +1425,7 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Also loads the official hub layout (`model.layers.*`, `visual.*`), renamed on the fly."""
-        kwargs.setdefault("key_mapping", HUB_KEY_MAPPING)
+        kwargs.setdefault("key_mapping", {**HUB_KEY_MAPPING, **QWEN3_KEY_MAPPING})
         return super().from_pretrained(*args, **kwargs)
 
     def save_pretrained(self, *args, **kwargs):
@@ -1239,6 +1436,8 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         if SAVES_ORIGINAL_FORMAT:
             kwargs.setdefault("save_original_format", False)
         self.config.auto_map = dict(AUTO_MAP)
+        if self.config.family == "qwen3_vl" and kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = qwen3_hub_state_dict(self.state_dict())
         live = self.config.use_cache, self.generation_config.use_cache
         self.config.use_cache = self.generation_config.use_cache = True
         try:
@@ -1408,6 +1607,39 @@ HUB_KEY_MAPPING = {
     r"^visual\.": "model.visual.",
     r"^model\.(?!visual\.|language_model\.)": "model.language_model.",
 }
+# Qwen3-VL's hub files name the vision MLP and the mergers differently from our modules (`linear_fc1` for `fc1`,
+# `norm` / `linear_fc1` / `linear_fc2` for `ln_q` / `mlp.0` / `mlp.2`); read on load, written back on save.
+# Prefixed with `model.` or not (QwenVLModel strips it); transformers 5 takes one group per pattern.
+QWEN3_MERGERS = r"^((?:model\.)?visual\.(?:merger|deepstack_merger_list\.\d+)\.)"
+QWEN3_VISION_MLP = r"^((?:model\.)?visual\.blocks\.\d+\.mlp\.)"
+QWEN3_KEY_MAPPING = {
+    QWEN3_VISION_MLP + r"linear_fc1\.": r"\1fc1.",
+    QWEN3_VISION_MLP + r"linear_fc2\.": r"\1fc2.",
+    QWEN3_MERGERS + r"norm\.": r"\1ln_q.",
+    QWEN3_MERGERS + r"linear_fc1\.": r"\1mlp.0.",
+    QWEN3_MERGERS + r"linear_fc2\.": r"\1mlp.2.",
+}
+QWEN3_HUB_NAMES = {
+    QWEN3_VISION_MLP + r"fc1\.": r"\1linear_fc1.",
+    QWEN3_VISION_MLP + r"fc2\.": r"\1linear_fc2.",
+    QWEN3_MERGERS + r"ln_q\.": r"\1norm.",
+    QWEN3_MERGERS + r"mlp\.0\.": r"\1linear_fc1.",
+    QWEN3_MERGERS + r"mlp\.2\.": r"\1linear_fc2.",
+}
+
+
+def qwen3_hub_state_dict(state_dict):
+    """Our weights under the names of Qwen3-VL's hub files (what its official loaders, vLLM's included, read)."""
+    renamed = {}
+    for name, tensor in state_dict.items():
+        for pattern, replacement in QWEN3_HUB_NAMES.items():
+            name, found = re.subn(pattern, replacement, name)
+            if found:
+                break
+        renamed[name] = tensor
+    return renamed
+
+
 # Where the layers of either layout are numbered: (config field, what it counts, tensor-name pattern).
 LAYER_PATTERNS = (
     ("num_hidden_layers", "decoder layers", re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")),
@@ -1423,6 +1655,20 @@ if register_checkpoint_conversion_mapping is not None:
         [WeightRenaming(source, target) for source, target in HUB_KEY_MAPPING.items()],
         overwrite=True,  # this file may be imported twice: from a checkout and as a model directory's remote code
     )
+    # Looked up per module class: the body's converters serve it alone (AutoModel) and inside the whole model.
+    register_checkpoint_conversion_mapping("QwenVLModel", EXPERT_CONVERTERS, overwrite=True)
+
+
+def refuse_engine_without_deepstack(config):
+    """vLLM's Transformers backend builds our model with its own attention implementation ("vllm") and takes only the
+    main vision tokens from get_image_features: the DeepStack features would be dropped without a word, and Qwen3-VL
+    then reads text worse and falls into repetition loops. Refuse that pairing."""
+    if config.vision_config.deepstack_visual_indexes is not None and config._attn_implementation == "vllm":
+        raise ValueError(
+            "this is a Qwen3-VL (DeepStack) model: vLLM's Transformers backend (model_impl='transformers') would "
+            "silently drop its DeepStack features. Serve it with vLLM's native Qwen3-VL class instead: "
+            "vllm serve <official checkpoint> (without model_impl='transformers'); see README, 'Qwen3-VL'"
+        )
 
 
 def checkpoint_tensor_names(directory):
