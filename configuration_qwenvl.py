@@ -26,6 +26,8 @@ AUTO_MAP = {
     "AutoModel": "modeling_qwenvl.QwenVLModel",
     "AutoModelForImageTextToText": "modeling_qwenvl.QwenVLForConditionalGeneration",
 }
+# Qwen-VL (2023)'s Resampler has heads of this size (the original: output_dim // 128 heads).
+RESAMPLER_HEAD_DIM = 128
 
 
 class QwenVLVisionConfig(PretrainedConfig):
@@ -52,6 +54,11 @@ class QwenVLVisionConfig(PretrainedConfig):
         rope_theta=10000.0,
         initializer_range=0.02,
         max_patches_per_chunk=65536,
+        num_position_embeddings=None,
+        pre_norm=False,
+        vision_rope=True,
+        projector="merger",
+        num_queries=256,
         **kwargs,
     ):
         if "embed_dim" in kwargs:  # Qwen2-VL naming: hidden_size is the merger's output there
@@ -84,6 +91,14 @@ class QwenVLVisionConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         # The vision tower encodes larger inputs in chunks of whole frames (bounded memory, same result).
         self.max_patches_per_chunk = max_patches_per_chunk
+        # Qwen-VL (2023): a learned position table of this many rows (a square grid, resized bicubically to each
+        # image's patch grid), a LayerNorm before the blocks, no 2-D rotary, and a Resampler of `num_queries` learned
+        # queries in place of the 2x2 merger.
+        self.num_position_embeddings = num_position_embeddings
+        self.pre_norm = pre_norm
+        self.vision_rope = vision_rope
+        self.projector = projector
+        self.num_queries = num_queries
         self._validate()
 
     def _validate(self):
@@ -98,7 +113,7 @@ class QwenVLVisionConfig(PretrainedConfig):
             raise ValueError(
                 f"vision_config.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
-        if (self.hidden_size // self.num_heads) % 4:
+        if self.vision_rope and (self.hidden_size // self.num_heads) % 4:
             raise ValueError("the vision head size must be divisible by 4 (2-D rotary: half for h, half for w)")
         if self.fullatt_block_indexes is not None:
             if not self.window_size:
@@ -112,6 +127,27 @@ class QwenVLVisionConfig(PretrainedConfig):
             bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
             if bad:
                 raise ValueError(f"fullatt_block_indexes {bad} are outside the {self.depth} vision blocks")
+        self._validate_resampler()
+
+    def _validate_resampler(self):
+        if self.projector not in ("merger", "resampler"):
+            raise ValueError(f"vision_config.projector must be 'merger' or 'resampler', got {self.projector!r}")
+        if self.num_position_embeddings is not None:
+            check_sizes("vision_config", self, "num_position_embeddings")
+            if math.isqrt(self.num_position_embeddings) ** 2 != self.num_position_embeddings:
+                raise ValueError(
+                    f"vision_config.num_position_embeddings ({self.num_position_embeddings}) must be a square number "
+                    "(the table is a square grid)"
+                )
+        if self.projector == "resampler":
+            check_sizes("vision_config", self, "num_queries")
+            if math.isqrt(self.num_queries) ** 2 != self.num_queries:
+                raise ValueError(f"vision_config.num_queries ({self.num_queries}) must be a square number (a 2-D grid)")
+            if self.out_hidden_size % RESAMPLER_HEAD_DIM or self.out_hidden_size % 4:
+                raise ValueError(
+                    f"vision_config.out_hidden_size ({self.out_hidden_size}) must be a multiple of "
+                    f"{RESAMPLER_HEAD_DIM}: the Resampler has heads of that size"
+                )
 
     @property
     def uses_window_attention(self):
@@ -150,6 +186,10 @@ class QwenVLConfig(PretrainedConfig):
         video_token_id=151656,
         vision_start_token_id=151652,
         vision_end_token_id=151653,
+        sequential_positions=False,
+        use_dynamic_ntk=False,
+        use_logn_attn=False,
+        seq_length=2048,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -170,6 +210,15 @@ class QwenVLConfig(PretrainedConfig):
         self.video_token_id = video_token_id
         self.vision_start_token_id = vision_start_token_id
         self.vision_end_token_id = vision_end_token_id
+        # Qwen-VL (2023): 1-D positions, every token one step further (M-RoPE with (i, i, i)); past `seq_length`
+        # tokens, a prefill rotates with a larger base (dynamic NTK, kept while decoding) and queries are scaled
+        # by log_seq_length(position + 1) (logn); both at inference only.
+        self.sequential_positions = sequential_positions
+        self.use_dynamic_ntk = use_dynamic_ntk
+        self.use_logn_attn = use_logn_attn
+        self.seq_length = seq_length
+        if "visual" in kwargs:
+            vision_config = self._read_qwen_vl_2023(kwargs)
         self.mrope_section = list(self.mrope_section)
         for name, value in _official_text_fields(kwargs).items():  # the other shapes fill the fields not given
             if getattr(self, name) == TEXT_DEFAULTS[name]:
@@ -187,8 +236,45 @@ class QwenVLConfig(PretrainedConfig):
 
     @property
     def family(self):
-        """Which generation this config describes, read from its switches: "qwen2_5_vl" or "qwen2_vl"."""
+        """Which generation this config describes, read from its switches: "qwen2_5_vl", "qwen2_vl" or "qwen_vl"."""
+        if self.vision_config.projector == "resampler":
+            return "qwen_vl"
         return "qwen2_5_vl" if self.vision_config.norm_type == "rmsnorm" else "qwen2_vl"
+
+    def _read_qwen_vl_2023(self, kwargs):
+        """The original Qwen-VL / Qwen-VL-Chat config.json (model_type "qwen"): Qwen-7B's flat names and a `visual`
+        dict. Sets our fields from it and returns the vision config."""
+        visual = kwargs.pop("visual")
+        kv_channels = kwargs.pop("kv_channels", self.hidden_size // self.num_attention_heads)
+        if kv_channels * self.num_attention_heads != self.hidden_size:
+            raise ValueError(
+                f"kv_channels ({kv_channels}) * num_attention_heads ({self.num_attention_heads}) must equal "
+                f"hidden_size ({self.hidden_size}), as the original Qwen-VL code requires"
+            )
+        if kwargs.pop("rotary_pct", 1.0) != 1.0:
+            raise ValueError("rotary_pct below 1.0 is not supported: every official Qwen-VL model rotates whole heads")
+        self.intermediate_size //= 2  # the original's intermediate_size counts w1 and w2 together
+        self.num_key_value_heads = self.num_attention_heads
+        self.rms_norm_eps = kwargs.pop("layer_norm_epsilon", 1e-6)
+        self.rope_theta = float(kwargs.pop("rotary_emb_base", 10000))
+        self.mrope_section = [self.head_dim // 2, 0, 0]  # positions are (i, i, i): any split is 1-D RoPE
+        self.sequential_positions = True
+        start = visual.get("image_start_id", 151857)
+        self.vision_start_token_id, self.vision_end_token_id, self.image_token_id = start, start + 1, start + 2
+        self.video_token_id = None
+        kwargs.setdefault("bos_token_id", 151643)
+        kwargs.setdefault("eos_token_id", 151643)
+        kwargs.setdefault("pad_token_id", 151643)
+        for name in QWEN_VL_2023_UNUSED:
+            kwargs.pop(name, None)
+        width = visual["width"]
+        return QwenVLVisionConfig(
+            depth=visual["layers"], hidden_size=width, intermediate_size=int(width * visual["mlp_ratio"]),
+            num_heads=visual["heads"], patch_size=visual["patch_size"], temporal_patch_size=1, spatial_merge_size=1,
+            out_hidden_size=visual["output_dim"], hidden_act="gelu", norm_type="layernorm", gated_mlp=False,
+            window_size=None, fullatt_block_indexes=None, tokens_per_second=None, num_position_embeddings=256,
+            pre_norm=True, vision_rope=False, projector="resampler", num_queries=256,
+        )
 
     @property
     def head_dim(self):
@@ -262,6 +348,14 @@ def _official_text_fields(kwargs):
     for key in ("sliding_window", "max_window_layers", "layer_types", "model_type"):
         kwargs.pop(key, None)
     return fields
+
+
+# Fields of the original Qwen-VL config.json that change nothing at inference in float32 (dtype flags, dropout
+# probabilities of 0, the tokenizer's name, flags the original code ignores).
+QWEN_VL_2023_UNUSED = (
+    "no_bias", "scale_attn_weights", "emb_dropout_prob", "attn_dropout_prob", "bf16", "fp16", "fp32", "onnx_safe",
+    "use_flash_attn", "tokenizer_type", "softmax_in_fp32", "model_type",
+)
 
 
 def check_sizes(where, config, *names):
