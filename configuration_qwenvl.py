@@ -26,6 +26,10 @@ AUTO_MAP = {
     "AutoModel": "modeling_qwenvl.QwenVLModel",
     "AutoModelForImageTextToText": "modeling_qwenvl.QwenVLForConditionalGeneration",
 }
+# Qwen-VL (2023)'s Resampler has heads of this size (the original: output_dim // 128 heads).
+RESAMPLER_HEAD_DIM = 128
+# How a learned position table is resized to a patch grid (`QwenVLVisionConfig.position_interpolation`).
+POSITION_INTERPOLATIONS = {"bicubic", "bilinear_align_corners"}
 
 
 class QwenVLVisionConfig(PretrainedConfig):
@@ -54,12 +58,18 @@ class QwenVLVisionConfig(PretrainedConfig):
         max_patches_per_chunk=65536,
         patch_embed_bias=False,
         num_position_embeddings=None,
+        position_interpolation="bicubic",
         deepstack_visual_indexes=None,
         text_timestamps=False,
+        pre_norm=False,
+        vision_rope=True,
+        projector="merger",
+        num_queries=256,
         **kwargs,
     ):
         if str(kwargs.get("model_type", "")).startswith("qwen3_vl"):  # the official Qwen3-VL file names only sizes
             patch_embed_bias, text_timestamps = True, True
+            position_interpolation = "bilinear_align_corners"
             norm_type, gated_mlp = "layernorm", False
             window_size, fullatt_block_indexes, tokens_per_second = None, None, None
         if "embed_dim" in kwargs:  # Qwen2-VL naming: hidden_size is the merger's output there
@@ -92,12 +102,21 @@ class QwenVLVisionConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         # The vision tower encodes larger inputs in chunks of whole frames (bounded memory, same result).
         self.max_patches_per_chunk = max_patches_per_chunk
-        # Qwen3-VL: a patch bias, a learned position table resampled to each grid, DeepStack mergers reading the
-        # outputs of these blocks, and video time written as text (each temporal patch its own span).
-        self.patch_embed_bias = patch_embed_bias
+        # A learned position table of `num_position_embeddings` rows (a square grid) resized to each frame's patch
+        # grid: "bicubic" (Qwen-VL 2023, Kimi-VL) or "bilinear_align_corners" (Qwen3-VL).
         self.num_position_embeddings = num_position_embeddings
+        self.position_interpolation = position_interpolation
+        # Qwen3-VL: a patch bias, DeepStack mergers reading the outputs of these blocks, and video time written as
+        # text (each temporal patch its own span).
+        self.patch_embed_bias = patch_embed_bias
         self.deepstack_visual_indexes = list(deepstack_visual_indexes) if deepstack_visual_indexes is not None else None
         self.text_timestamps = text_timestamps
+        # Qwen-VL (2023): a LayerNorm before the blocks, no 2-D rotary, and a Resampler of `num_queries` learned
+        # queries in place of the 2x2 merger.
+        self.pre_norm = pre_norm
+        self.vision_rope = vision_rope
+        self.projector = projector
+        self.num_queries = num_queries
         self._validate()
 
     def _validate(self):
@@ -112,7 +131,7 @@ class QwenVLVisionConfig(PretrainedConfig):
             raise ValueError(
                 f"vision_config.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
-        if (self.hidden_size // self.num_heads) % 4:
+        if self.vision_rope and (self.hidden_size // self.num_heads) % 4:
             raise ValueError("the vision head size must be divisible by 4 (2-D rotary: half for h, half for w)")
         if self.fullatt_block_indexes is not None:
             if not self.window_size:
@@ -127,19 +146,40 @@ class QwenVLVisionConfig(PretrainedConfig):
             if bad:
                 raise ValueError(f"fullatt_block_indexes {bad} are outside the {self.depth} vision blocks")
         self._validate_qwen3()
+        self._validate_resampler()
 
     def _validate_qwen3(self):
-        if self.num_position_embeddings is not None and math.isqrt(self.num_position_embeddings) ** 2 != self.num_position_embeddings:
-            raise ValueError(
-                f"vision_config.num_position_embeddings ({self.num_position_embeddings}) must be a square number: "
-                "the table is a square grid"
-            )
         if self.deepstack_visual_indexes is not None:
             bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
             if bad:
                 raise ValueError(f"deepstack_visual_indexes {bad} are outside the {self.depth} vision blocks")
         if self.text_timestamps and self.tokens_per_second is not None:
             raise ValueError("text_timestamps (video time in the text) and tokens_per_second (time on the rotary axis) exclude each other")
+
+    def _validate_resampler(self):
+        if self.projector not in ("merger", "resampler"):
+            raise ValueError(f"vision_config.projector must be 'merger' or 'resampler', got {self.projector!r}")
+        if self.position_interpolation not in POSITION_INTERPOLATIONS:
+            raise ValueError(
+                f"vision_config.position_interpolation must be one of {sorted(POSITION_INTERPOLATIONS)}, "
+                f"got {self.position_interpolation!r}"
+            )
+        if self.num_position_embeddings is not None:
+            check_sizes("vision_config", self, "num_position_embeddings")
+            if math.isqrt(self.num_position_embeddings) ** 2 != self.num_position_embeddings:
+                raise ValueError(
+                    f"vision_config.num_position_embeddings ({self.num_position_embeddings}) must be a square number "
+                    "(the table is a square grid)"
+                )
+        if self.projector == "resampler":
+            check_sizes("vision_config", self, "num_queries")
+            if math.isqrt(self.num_queries) ** 2 != self.num_queries:
+                raise ValueError(f"vision_config.num_queries ({self.num_queries}) must be a square number (a 2-D grid)")
+            if self.out_hidden_size % RESAMPLER_HEAD_DIM or self.out_hidden_size % 4:
+                raise ValueError(
+                    f"vision_config.out_hidden_size ({self.out_hidden_size}) must be a multiple of "
+                    f"{RESAMPLER_HEAD_DIM}: the Resampler has heads of that size"
+                )
 
     @property
     def uses_window_attention(self):
@@ -188,6 +228,10 @@ class QwenVLConfig(PretrainedConfig):
         norm_topk_prob=True,
         decoder_sparse_step=1,
         mlp_only_layers=(),
+        sequential_positions=False,
+        use_dynamic_ntk=False,
+        use_logn_attn=False,
+        seq_length=2048,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -222,6 +266,15 @@ class QwenVLConfig(PretrainedConfig):
         self.norm_topk_prob = norm_topk_prob
         self.decoder_sparse_step = decoder_sparse_step
         self.mlp_only_layers = list(mlp_only_layers)
+        # Qwen-VL (2023): 1-D positions, every token one step further (M-RoPE with (i, i, i)); past `seq_length`
+        # tokens, a prefill rotates with a larger base (dynamic NTK, kept while decoding) and queries are scaled
+        # by log_seq_length(position + 1) (logn); both at inference only.
+        self.sequential_positions = sequential_positions
+        self.use_dynamic_ntk = use_dynamic_ntk
+        self.use_logn_attn = use_logn_attn
+        self.seq_length = seq_length
+        if "visual" in kwargs:
+            vision_config = self._read_qwen_vl_2023(kwargs)
         self.mrope_section = list(self.mrope_section)
         for name, value in _official_text_fields(kwargs).items():  # the other shapes fill the fields not given
             if getattr(self, name) == TEXT_DEFAULTS[name]:
@@ -242,8 +295,10 @@ class QwenVLConfig(PretrainedConfig):
 
     @property
     def family(self):
-        """Which generation this config describes, read from its switches: "qwen3_vl" (dense or MoE), "qwen2_5_vl"
-        or "qwen2_vl"."""
+        """Which generation this config describes, read from its switches: "qwen3_vl" (dense or MoE), "qwen2_5_vl",
+        "qwen2_vl" or "qwen_vl" (2023)."""
+        if self.vision_config.projector == "resampler":
+            return "qwen_vl"
         if self.vision_config.deepstack_visual_indexes is not None:
             return "qwen3_vl"
         return "qwen2_5_vl" if self.vision_config.norm_type == "rmsnorm" else "qwen2_vl"
@@ -251,6 +306,41 @@ class QwenVLConfig(PretrainedConfig):
     def is_sparse_layer(self, index):
         """Whether decoder layer `index` has the mixture of experts instead of the dense MLP."""
         return self.num_experts > 0 and index not in self.mlp_only_layers and (index + 1) % self.decoder_sparse_step == 0
+
+    def _read_qwen_vl_2023(self, kwargs):
+        """The original Qwen-VL / Qwen-VL-Chat config.json (model_type "qwen"): Qwen-7B's flat names and a `visual`
+        dict. Sets our fields from it and returns the vision config."""
+        visual = kwargs.pop("visual")
+        kv_channels = kwargs.pop("kv_channels", self.hidden_size // self.num_attention_heads)
+        if kv_channels * self.num_attention_heads != self.hidden_size:
+            raise ValueError(
+                f"kv_channels ({kv_channels}) * num_attention_heads ({self.num_attention_heads}) must equal "
+                f"hidden_size ({self.hidden_size}), as the original Qwen-VL code requires"
+            )
+        if kwargs.pop("rotary_pct", 1.0) != 1.0:
+            raise ValueError("rotary_pct below 1.0 is not supported: every official Qwen-VL model rotates whole heads")
+        self.intermediate_size //= 2  # the original's intermediate_size counts w1 and w2 together
+        self.num_key_value_heads = self.num_attention_heads
+        self.rms_norm_eps = kwargs.pop("layer_norm_epsilon", 1e-6)
+        self.rope_theta = float(kwargs.pop("rotary_emb_base", 10000))
+        self.mrope_section = [kv_channels // 2, 0, 0]  # positions are (i, i, i): any split is 1-D RoPE
+        self.sequential_positions = True
+        start = visual.get("image_start_id", 151857)
+        self.vision_start_token_id, self.vision_end_token_id, self.image_token_id = start, start + 1, start + 2
+        self.video_token_id = None
+        kwargs.setdefault("bos_token_id", 151643)
+        kwargs.setdefault("eos_token_id", 151643)
+        kwargs.setdefault("pad_token_id", 151643)
+        for name in QWEN_VL_2023_UNUSED:
+            kwargs.pop(name, None)
+        width = visual["width"]
+        return QwenVLVisionConfig(
+            depth=visual["layers"], hidden_size=width, intermediate_size=int(width * visual["mlp_ratio"]),
+            num_heads=visual["heads"], patch_size=visual["patch_size"], temporal_patch_size=1, spatial_merge_size=1,
+            out_hidden_size=visual["output_dim"], hidden_act="gelu", norm_type="layernorm", gated_mlp=False,
+            window_size=None, fullatt_block_indexes=None, tokens_per_second=None, num_position_embeddings=256,
+            pre_norm=True, vision_rope=False, projector="resampler", num_queries=256,
+        )
 
     def _validate(self):
         check_sizes(
@@ -331,6 +421,14 @@ def _official_text_fields(kwargs):
     for key in ("sliding_window", "max_window_layers", "layer_types", "model_type"):
         kwargs.pop(key, None)
     return fields
+
+
+# Fields of the original Qwen-VL config.json that change nothing at inference in float32 (dtype flags, dropout
+# probabilities of 0, the tokenizer's name, flags the original code ignores).
+QWEN_VL_2023_UNUSED = (
+    "no_bias", "scale_attn_weights", "emb_dropout_prob", "attn_dropout_prob", "bf16", "fp16", "fp32", "onnx_safe",
+    "use_flash_attn", "tokenizer_type", "softmax_in_fp32", "model_type",
+)
 
 
 def check_sizes(where, config, *names):

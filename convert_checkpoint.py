@@ -39,6 +39,7 @@ import re
 import shutil
 import struct
 import uuid
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -47,8 +48,13 @@ from transformers import GenerationConfig
 
 from configuration_qwenvl import AUTO_MAP, QwenVLConfig
 from image_processing_qwenvl import QwenVLImageProcessor
-from modeling_qwenvl import HUB_KEY_MAPPING, QwenVLForConditionalGeneration, check_layer_counts
+from modeling_qwenvl import (
+    HUB_KEY_MAPPING, QwenVLForConditionalGeneration, check_layer_counts, is_qwen_vl_2023_directory,
+    qwen_vl_2023_generation_config, qwen_vl_2023_state_dict, read_checkpoint_tensors,
+)
 from processing_qwenvl import PROCESSOR_AUTO_MAP
+from safetensors.torch import save_file
+from tools.build_qwen_vl_tokenizer import build as build_qwen_vl_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OFFICIAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -315,12 +321,13 @@ def convert(src, dst, copy=False):
     becomes `dst` only once it is complete: a failure part way (a full disk, an unreadable file) leaves no partial
     `dst` behind. Returns {file name in dst: how it got there}.
     """
-    plan = plan_conversion(src)
+    qwen_vl_2023 = is_qwen_vl_2023_directory(src)
+    plan = plan_qwen_vl_2023(src) if qwen_vl_2023 else plan_conversion(src)
     check_destination(dst)
     target = os.path.realpath(dst)  # an empty dst that is a symbolic link: replace the directory it points to
     partial = new_directory_beside(target)
     try:
-        written = write_directory(src, partial, plan, copy)
+        written = write_qwen_vl_2023(src, partial, plan) if qwen_vl_2023 else write_directory(src, partial, plan, copy)
         if os.path.isdir(target):
             os.rmdir(target)  # an empty dst is allowed: the complete directory takes its place
         os.rename(partial, target)
@@ -379,6 +386,60 @@ def write_directory(src, dst, plan, copy):
     # a progress bar (stderr) for sharded checkpoints: copying 70 GB of shards takes minutes
     for shard in tqdm(plan.shards, desc="weights", unit="shard", disable=len(plan.shards) < 2):
         written[shard] = place_weights(os.path.join(src, shard), os.path.join(dst, shard), copy)
+    return written
+
+
+# ---- Qwen-VL (2023) ----------------------------------------------------------------------------------------------
+# The original Qwen-VL / Qwen-VL-Chat folders (model_type "qwen", keys transformer.*) ship pickle `.bin` shards and
+# fused q/k/v: their tensors are read (torch.load with weights_only=True: tensors only, no code runs), converted by
+# modeling_qwenvl.qwen_vl_2023_state_dict and written as one model.safetensors.
+
+
+class QwenVL2023Plan(NamedTuple):
+    config: QwenVLConfig
+    state_dict: dict  # our tensor names -> tensors
+    processor_config: dict
+    tiktoken: Optional[str]  # the source's qwen.tiktoken, checked against our tokenizer, or None
+
+
+def plan_qwen_vl_2023(src):
+    official = read_json_object(os.path.join(src, "config.json"))
+    config = qwenvl_config(official, src)
+    tensors = read_checkpoint_tensors(src, allow_pickle=True)
+    state_dict = qwen_vl_2023_state_dict(tensors, config)
+    check_weights(config, {name: tuple(tensor.shape) for name, tensor in state_dict.items()}, src)
+    image_processor = QwenVLImageProcessor(
+        image_size=official["visual"]["image_size"], drop_alpha=True, patch_size=config.vision_config.patch_size,
+        temporal_patch_size=1, merge_size=1,
+    )
+    processor_config = {key: value for key, value in image_processor.to_dict().items() if not key.startswith("_")}
+    processor_config.update(
+        auto_map=dict(PROCESSOR_AUTO_MAP), image_processor_type="QwenVLImageProcessor", processor_class="QwenVLProcessor"
+    )
+    tiktoken = os.path.join(src, "qwen.tiktoken")
+    return QwenVL2023Plan(config, state_dict, processor_config, tiktoken if os.path.isfile(tiktoken) else None)
+
+
+def write_qwen_vl_2023(src, dst, plan):
+    written = {}
+    plan.config.to_json_file(os.path.join(dst, "config.json"))
+    written["config.json"] = f"written (model_type qwenvl, family {plan.config.family}, auto_map)"
+    for name in CODE_FILES:
+        shutil.copyfile(os.path.join(ROOT, name), os.path.join(dst, name))
+        written[name] = "copied from qwenvl"
+    build_qwen_vl_tokenizer(Path(dst), Path(plan.tiktoken) if plan.tiktoken else None)
+    written["tokenizer files"] = "built from qwenvl's" + (" (qwen.tiktoken checked equal)" if plan.tiktoken else "")
+    write_json(os.path.join(dst, "preprocessor_config.json"), plan.processor_config)
+    written["preprocessor_config.json"] = "written (QwenVLImageProcessor, 448 px square, auto_map)"
+    generation = qwen_vl_2023_generation_config(src, GenerationConfig.from_model_config(plan.config))
+    generation.save_pretrained(dst)
+    written["generation_config.json"] = "written from the source's (stop ids, sampling)"
+    for name in CARRIED_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+            written[name] = "copied from the source"
+    save_file(plan.state_dict, os.path.join(dst, SINGLE_WEIGHTS), metadata={"format": "pt"})
+    written[SINGLE_WEIGHTS] = "converted (fused q/k/v split, keys renamed)"
     return written
 
 

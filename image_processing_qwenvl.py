@@ -547,8 +547,9 @@ def _image_from_array(array, channels_first: bool) -> PIL.Image.Image:
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Convert any PIL mode to RGB; transparent pixels are composited on white (as transformers does)."""
+def _to_rgb(image: PIL.Image.Image, drop_alpha: bool = False) -> PIL.Image.Image:
+    """Convert any PIL mode to RGB; transparent pixels are composited on white (as transformers does), or with
+    ``drop_alpha`` keep their colour (PIL's own conversion, as the original Qwen-VL does)."""
     try:
         if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
             # PIL's own conversion clips these to 0-255 instead of scaling them
@@ -558,7 +559,7 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
                     raise ValueError("mode 'I' images are taken as 16-bit, got values outside [0, 65535]")
                 values = values.astype(np.uint16)
             return PIL.Image.fromarray(_to_uint8(values), mode="L").convert("RGB")
-        if "A" in image.getbands() or "transparency" in image.info:
+        if not drop_alpha and ("A" in image.getbands() or "transparency" in image.info):
             rgba = image.convert("RGBA")
             white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return PIL.Image.alpha_composite(white, rgba).convert("RGB")
@@ -567,23 +568,25 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         raise ValueError(f"cannot convert a mode {image.mode!r} image to RGB: {err}") from err
 
 
-def _load_picture(image, size_for=None, resample=PIL.Image.Resampling.BICUBIC, fetch_policy=None) -> PIL.Image.Image:
+def _load_picture(
+    image, size_for=None, resample=PIL.Image.Resampling.BICUBIC, fetch_policy=None, drop_alpha=False
+) -> PIL.Image.Image:
     """``load_image``; with ``size_for`` (displayed height, width -> target height, width) the picture is also
     resized to its target, and an encoded picture far larger than that is decoded smaller (see ``_decode_picture``)
     so that it is never copied at full size."""
     if isinstance(image, PIL.Image.Image):
-        rgb = _to_rgb(_upright(image))
+        rgb = _to_rgb(_upright(image), drop_alpha)
         size = (rgb.height, rgb.width)
     elif isinstance(image, (str, os.PathLike, bytes, bytearray)):
         source, name = _encoded_source(image, fetch_policy)
         # The target comes from the full size, so a picture gets the same size whether or not it was reduced.
         decoded, size = _decode_picture(source, name, size_for)
         try:
-            rgb = _to_rgb(decoded)
+            rgb = _to_rgb(decoded, drop_alpha)
         except MemoryError as err:
             raise ValueError(f"not enough memory to convert image {name} ({size[1]}x{size[0]} pixels)") from err
     elif _is_array(image):
-        rgb = _to_rgb(_image_from_array(image, channels_first=isinstance(image, torch.Tensor)))
+        rgb = _to_rgb(_image_from_array(image, channels_first=isinstance(image, torch.Tensor)), drop_alpha)
         size = (rgb.height, rgb.width)
     else:
         raise TypeError(
@@ -1177,6 +1180,8 @@ class QwenVLImageProcessorKwargs(ImagesKwargs, total=False):
     temporal_patch_size: int
     merge_size: int
     allow_larger_items: bool
+    image_size: int
+    drop_alpha: bool
 
 
 # Keys that configs saved by transformers (any version) may hold but that do not affect this processor. Listed
@@ -1310,6 +1315,8 @@ class QwenVLImageProcessor(BaseImageProcessor):
         temporal_patch_size: int = 2,
         merge_size: int = DEFAULT_MERGE_SIZE,
         allow_larger_items: bool = False,
+        image_size: Optional[int] = None,
+        drop_alpha: bool = False,
         **kwargs,
     ):
         unknown = set(kwargs) - _IGNORED_CONFIG_KEYS
@@ -1344,6 +1351,14 @@ class QwenVLImageProcessor(BaseImageProcessor):
         for name, value in options.items():
             setattr(self, name, value)
         self.allow_larger_items = allow_larger_items
+        # Qwen-VL (2023): every picture resized to image_size x image_size (the aspect ratio is not kept), and
+        # transparency dropped instead of composited, as the original preprocessing does.
+        if image_size is not None and (_check_positive_int(image_size, "image_size") % self.patch_size):
+            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if not isinstance(drop_alpha, bool):
+            raise TypeError(f"drop_alpha must be True or False, got {_short(drop_alpha)}")
+        self.image_size = image_size
+        self.drop_alpha = drop_alpha
 
     @property
     def size(self) -> dict:
@@ -1473,6 +1488,8 @@ class QwenVLImageProcessor(BaseImageProcessor):
     def _image_size_for(self, options: dict, resized) -> Callable[[int, int], tuple[int, int]]:
         """(height, width) of a picture -> the size it is resized to, under this call's options."""
         factor = options["patch_size"] * options["merge_size"]
+        if self.image_size is not None and options["do_resize"]:
+            return lambda height, width: (self.image_size, self.image_size)
         if not options["do_resize"]:
             return _whole_grid_size(factor)
         if resized is None:
@@ -1502,7 +1519,9 @@ class QwenVLImageProcessor(BaseImageProcessor):
 
     def _image_pixels(self, image, options: dict, resized) -> np.ndarray:
         """One picture -> uint8 [1, H, W, 3] at its target size."""
-        picture = _load_picture(image, self._image_size_for(options, resized), options["resample"])
+        picture = _load_picture(
+            image, self._image_size_for(options, resized), options["resample"], drop_alpha=self.drop_alpha
+        )
         return np.asarray(picture)[None]  # a still image: no padding, and no copy by np.stack
 
     def _video_pixels(self, frames: list, options: dict, resized) -> np.ndarray:

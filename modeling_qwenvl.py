@@ -43,9 +43,9 @@ except ImportError:
     torch_varlen_attn = None
 
 try:  # as remote code, the files form a package; from a checkout, they are plain modules
-    from .configuration_qwenvl import AUTO_MAP, QwenVLConfig, QwenVLVisionConfig
+    from .configuration_qwenvl import AUTO_MAP, RESAMPLER_HEAD_DIM, QwenVLConfig, QwenVLVisionConfig
 except ImportError:
-    from configuration_qwenvl import AUTO_MAP, QwenVLConfig, QwenVLVisionConfig
+    from configuration_qwenvl import AUTO_MAP, RESAMPLER_HEAD_DIM, QwenVLConfig, QwenVLVisionConfig
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Compat: every place where transformers 4.57 and 5.x differ for this file, detected by feature.
@@ -155,6 +155,8 @@ class QwenVLPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, Resampler):
+            nn.init.normal_(module.query, mean=0.0, std=std)
 
 
 # ======================================================================================================================
@@ -244,26 +246,29 @@ def vision_rotary_tables(config, grid_thw, device):
     return angles.cos(), angles.sin()
 
 
-def position_table_taps(config, grid_thw, device):
-    """Where each patch reads the learned position table (Qwen3-VL), and how much. -> index [N, 4], weight [N, 4]
+def resize_table(table, height, width, interpolation="bicubic"):
+    """A square position table [S*S, C] resized to a height x width grid, in float32. -> [height, width, C]
 
-    The side x side table is resampled bilinearly to each frame's h x w patch grid with aligned corners (patch row r
-    sits at table row r * (side - 1) / (h - 1)), put in merge order like the patches, and repeated for every frame.
-    The four taps of each patch are its neighbours (floor and ceiling in each direction); weights in float32."""
-    side = math.isqrt(config.num_position_embeddings)
-    merge = config.spatial_merge_size
-    indices, weights = [], []
+    "bicubic" is F.interpolate's (Qwen-VL 2023, Kimi-VL); "bilinear_align_corners" puts patch row r at table row
+    r * (S - 1) / (height - 1), as Qwen3-VL does."""
+    side = math.isqrt(table.shape[0])
+    grid = table.float().view(side, side, -1)
+    if (side, side) == (height, width):
+        return grid
+    mode, align_corners = ("bicubic", False) if interpolation == "bicubic" else ("bilinear", True)
+    resized = F.interpolate(grid.permute(2, 0, 1)[None], size=(height, width), mode=mode, align_corners=align_corners)
+    return resized[0].permute(1, 2, 0)
+
+
+def resized_position_table(config, table, grid_thw):
+    """The learned position table resized to every frame's patch grid, one row per patch in the patches' order
+    (merge order: each merge x merge block contiguous). -> [N, C] float32"""
+    merge, rows = config.spatial_merge_size, []
     for t, h, w in grid_thw.tolist():
-        rows, cols = torch.linspace(0, side - 1, h), torch.linspace(0, side - 1, w)
-        row0, col0 = rows.long(), cols.long()
-        row1, col1 = (row0 + 1).clamp(max=side - 1), (col0 + 1).clamp(max=side - 1)
-        dr, dc = (rows - row0)[:, None], (cols - col0)[None, :]
-        index = torch.stack([r[:, None] * side + c[None, :] for r in (row0, row1) for c in (col0, col1)], -1)
-        weight = torch.stack([(1 - dr) * (1 - dc), (1 - dr) * dc, dr * (1 - dc), dr * dc], -1)
-        for raster, out in ((index, indices), (weight, weights)):  # [h, w, 4] -> merge order [h*w, 4], per frame
-            merged = raster.view(h // merge, merge, w // merge, merge, 4).transpose(1, 2).reshape(-1, 4)
-            out.append(merged.repeat(t, 1))
-    return torch.cat(indices).to(device), torch.cat(weights).to(device)
+        grid = resize_table(table, h, w, config.position_interpolation)
+        grid = grid.view(h // merge, merge, w // merge, merge, -1).transpose(1, 2).reshape(h * w, -1)
+        rows.append(grid.repeat(t, 1))
+    return torch.cat(rows)
 
 
 def get_window_index(grid_thw, window_size, spatial_merge_size, patch_size):
@@ -459,16 +464,12 @@ class GridPlan:
     windows: list | None = None  # [Slice] window attention (Qwen2.5-VL)
     window_index: torch.Tensor | None = None  # [M] merged-token order of the blocks
     inverse_index: torch.Tensor | None = None  # [M] back to raster order
-    table_index: torch.Tensor | None = None  # [N, 4] learned position table taps (Qwen3-VL), merge order
-    table_weight: torch.Tensor | None = None  # [N, 4] float32
 
 
 def plan_grids(config, grid_thw, device):
-    cos, sin = vision_rotary_tables(config, grid_thw, device)
+    cos, sin = vision_rotary_tables(config, grid_thw, device) if config.vision_rope else (None, None)
     max_rows = rows_per_slice(3 * config.hidden_size, torch.device(device))
     plan = GridPlan(cos, sin, segment_slices(frame_seqlens(grid_thw), max_rows, device))
-    if config.num_position_embeddings is not None:
-        plan.table_index, plan.table_weight = position_table_taps(config, grid_thw, device)
     if config.uses_window_attention:
         window_index, cu_window_seqlens = get_window_index(
             grid_thw, config.window_size, config.spatial_merge_size, config.patch_size
@@ -528,7 +529,10 @@ class VisionAttention(nn.Module):
 
     def attend(self, x, cos, sin, piece):  # one Slice of whole segments -> [rows, hidden]
         rows = slice(piece.start, piece.end)
-        q, k, v = self.rotated_qkv(x[rows], cos[rows], sin[rows])
+        if cos is None:  # no 2-D rotary: the tower adds learned absolute positions instead (Qwen-VL 2023)
+            q, k, v = self.qkv(x[rows].to(self.qkv.weight.dtype)).unflatten(-1, (3, self.num_heads, -1)).unbind(1)
+        else:
+            q, k, v = self.rotated_qkv(x[rows], cos[rows], sin[rows])
         implementation = self.config._attn_implementation
         kernel = varlen_kernel(implementation, self.qkv.weight, piece)
         if kernel is not None:  # one call for every segment of the slice, whatever their lengths
@@ -663,8 +667,10 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
         self.patch_embed = PatchEmbed(config)
         if config.num_position_embeddings is not None:
             self.pos_embed = nn.Embedding(config.num_position_embeddings, config.hidden_size)
+        if config.pre_norm:
+            self.ln_pre = make_norm(config.norm_type, config.hidden_size)
         self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
-        self.merger = PatchMerger(config)
+        self.merger = Resampler(config) if config.projector == "resampler" else PatchMerger(config)
         if config.deepstack_visual_indexes is not None:
             self.deepstack_merger_list = nn.ModuleList(
                 [PatchMerger(config, post_shuffle_norm=True) for _ in config.deepstack_visual_indexes]
@@ -684,8 +690,10 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
         plan = self.grid_plan(grid_thw, pixel_values.device)
         x = self.patch_embed(pixel_values)
         x = x.to(residual_dtype(x.dtype))
-        if plan.table_index is not None:
-            x = x + self.table_positions(plan).to(x.dtype)
+        if self.config.num_position_embeddings is not None:
+            x = x + resized_position_table(self.config, self.pos_embed.weight, grid_thw).to(x.dtype)
+        if self.config.pre_norm:
+            x = self.ln_pre(x)
         if plan.window_index is not None:
             x = to_window_order(x, plan.window_index)
         deepstack = []
@@ -699,16 +707,10 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
             if self.config.deepstack_visual_indexes is not None and i in self.config.deepstack_visual_indexes:
                 level = self.config.deepstack_visual_indexes.index(i)
                 deepstack.append(self.deepstack_merger_list[level](x))
+        if self.config.projector == "resampler":
+            return self.merger(x, grid_thw)
         merged = torch.cat([self.merger(x), *deepstack], dim=-1) if deepstack else self.merger(x)
         return merged[plan.inverse_index] if plan.inverse_index is not None else merged
-
-    def table_positions(self, plan):
-        """The learned position table resampled to these grids (Qwen3-VL): [N, hidden], summed in float32."""
-        table = self.pos_embed.weight
-        out = table[plan.table_index[:, 0]].float() * plan.table_weight[:, :1]
-        for tap in range(1, 4):
-            out = out.addcmul_(table[plan.table_index[:, tap]].float(), plan.table_weight[:, tap : tap + 1])
-        return out
 
     def grid_plan(self, grid_thw, device):
         """The GridPlan of these grids, from the cache of recent ones. A server calls the model from several
@@ -722,6 +724,59 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
             while len(self._plans) > self.PLANS_KEPT:
                 self._plans.pop(next(iter(self._plans)))
         return plan
+
+
+# ======================================================================================================================
+# Qwen-VL (2023): a learned position table for the patches, and the Resampler in place of the merger
+# ======================================================================================================================
+
+
+def sincos_table(dim, side):
+    """The fixed 2-D sin-cos table of the Resampler's queries: row i * side + j holds
+    [sin(j w), cos(j w), sin(i w), cos(i w)], each dim / 4 wide, w_k = 10000^(-k / (dim / 4)). -> [side*side, dim]"""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float) / (dim // 4))
+    i, j = torch.meshgrid(torch.arange(side, dtype=torch.float), torch.arange(side, dtype=torch.float), indexing="ij")
+    row, col = i.flatten()[:, None] * omega, j.flatten()[:, None] * omega
+    return torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], dim=-1)
+
+
+class Resampler(nn.Module):
+    """`num_queries` learned queries cross-attend to each frame's patches, then ln_post and a projection.
+    [N, hidden] -> [frames * num_queries, out_hidden]
+
+    Queries carry the fixed sin-cos table, keys the same table resized to the patch grid, values no position.
+    The table is a frozen parameter, kept in checkpoints as the original saves it."""
+
+    def __init__(self, config):
+        super().__init__()
+        dim, queries = config.out_hidden_size, config.num_queries
+        self.num_heads = dim // RESAMPLER_HEAD_DIM
+        self.query = nn.Parameter(torch.empty(queries, dim))
+        self.pos_embed = nn.Parameter(sincos_table(dim, math.isqrt(queries)), requires_grad=False)
+        self.kv_proj = nn.Linear(config.hidden_size, dim, bias=False)
+        self.ln_q = LayerNorm(dim, eps=1e-6)
+        self.ln_kv = LayerNorm(dim, eps=1e-6)
+        self.q_proj = nn.Linear(dim, dim, bias=True)
+        self.k_proj = nn.Linear(dim, dim, bias=True)
+        self.v_proj = nn.Linear(dim, dim, bias=True)
+        self.o_proj = nn.Linear(dim, dim, bias=True)
+        self.ln_post = LayerNorm(dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, grid_thw):
+        q = self.heads(self.q_proj(self.ln_q(self.query) + self.pos_embed))[None]  # [1, H, Q, D]
+        outputs, start = [], 0
+        for t, h, w in grid_thw.tolist():
+            patches = x[start : start + t * h * w].view(t, h * w, -1).to(self.kv_proj.weight.dtype)
+            start += t * h * w
+            kv = self.ln_kv(self.kv_proj(patches))  # [t, h*w, dim]
+            k = self.heads(self.k_proj(kv + resize_table(self.pos_embed, h, w).flatten(0, 1).to(kv.dtype)))
+            out = F.scaled_dot_product_attention(q.expand(t, -1, -1, -1), k, self.heads(self.v_proj(kv)))
+            outputs.append(self.o_proj(out.transpose(1, 2).flatten(2)).flatten(0, 1))  # [t * Q, dim]
+        return self.proj(self.ln_post(torch.cat(outputs)))
+
+    def heads(self, x):  # [..., L, dim] -> [..., H, L, D]
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(-2, -3)
 
 
 # ======================================================================================================================
@@ -742,6 +797,8 @@ def get_rope_index(
     long(t * second_per_grid_ts * tokens_per_second) in float32 (Qwen2.5-VL videos). After a
     span, text continues at the maximum position so far + 1. Padding is skipped, so a padded
     sample gets the positions it would get alone."""
+    if config.sequential_positions:
+        return sequential_positions(input_ids if input_ids is not None else mm_token_type_ids, attention_mask)
     token_types = mm_token_type_ids if mm_token_type_ids is not None else token_types_of(config, input_ids)
     batch, length = token_types.shape
     check_attention_mask(attention_mask, token_types.shape)
@@ -769,6 +826,14 @@ def get_rope_index(
     for vision in spans.values():
         vision.check_all_used()
     return position_ids.to(token_types.device), rope_deltas.to(token_types.device)
+
+
+def sequential_positions(input_ids, attention_mask):
+    """1-D positions (Qwen-VL 2023): every token one step further, image tokens included, padding skipped; as
+    (i, i, i). -> ([3, B, L], rope_deltas [B, 1] of zeros)"""
+    check_attention_mask(attention_mask, input_ids.shape)
+    zeros = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
+    return text_positions(attention_mask, 0, input_ids.shape[1], zeros, input_ids.device), zeros
 
 
 def check_attention_mask(attention_mask, shape):
@@ -922,14 +987,31 @@ class MultimodalRotaryEmbedding(nn.Module):
         # a plain list, not a buffer: models are built on the meta device
         self.axes = mrope_axes(list(config.mrope_section), config.mrope_interleaved)
 
-    def forward(self, position_ids, dtype):  # position_ids: [3, B, L] -> 2 x [B, L, D]
+    def forward(self, position_ids, dtype, ntk_alpha=None):  # position_ids: [3, B, L] -> 2 x [B, L, D]
         # Made on the positions' device: no host-to-device copy on a decoding step.
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=position_ids.device) / self.head_dim
         inv_freq = 1.0 / (self.theta**exponents)
+        if ntk_alpha is not None:  # dynamic NTK: each sample's own base -> [B, 1, D/2]
+            base = self.theta * ntk_alpha.double() ** (self.head_dim / (self.head_dim - 2))
+            inv_freq = 1.0 / (base.float().to(exponents.device)[:, None, None] ** exponents)
         positions = position_ids.float()[self.axes]  # [D/2, B, L]: each pair's axis
         angles = positions.permute(1, 2, 0) * inv_freq
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def dynamic_ntk_alpha(lengths, seq_length):
+    """The NTK factor of a prefill of `lengths` tokens ([B]): 2^ceil(log2(T / seq_length) + 1) - 1, at least 1, so 1
+    up to seq_length, 3 up to twice that, 7, 15, ... -> [B] float64"""
+    alpha = 2 ** torch.ceil(torch.log2(lengths.double() / seq_length) + 1) - 1
+    return alpha.clamp(min=1)
+
+
+def logn_query_scale(positions, seq_length):
+    """log_seq_length(p + 1) for queries at positions p past seq_length, else 1 (logn attention). [B, L] -> [B, 1, L, 1]"""
+    steps = positions.double() + 1
+    scale = torch.where(steps > seq_length, torch.log(steps) / math.log(seq_length), torch.ones_like(steps))
+    return scale.float()[:, None, :, None]
 
 
 def apply_rotary(q, k, cos, sin):  # q, k: [B, H, L, D]; cos, sin: [B, L, D]
@@ -1037,7 +1119,7 @@ class TextAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, **kwargs):  # x: [B, L, hidden]
+    def forward(self, x, cos, sin, mask, cache=None, query_scale=None, **kwargs):  # x: [B, L, hidden]
         batch, length, _ = x.shape
         # Three plain calls on x, and below the kernel looked up from ALL_ATTENTION_FUNCTIONS and called once: vLLM's
         # Transformers backend reads this source for exactly these shapes, to fuse q/k/v into one matmul and to
@@ -1050,6 +1132,8 @@ class TextAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(heads).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
+        if query_scale is not None:  # logn attention
+            q = q * query_scale.to(q.dtype)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         # Looked up on every call, so that set_attn_implementation switches a loaded model (compat item 2).
@@ -1189,7 +1273,9 @@ class QwenVLTextModel(QwenVLPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         past_length = cache.get_seq_length() if cache is not None else 0
         x = inputs_embeds
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        cos, sin = self.rotary_emb(position_ids, x.dtype, self.ntk_alpha(attention_mask, cache, past_length, x.shape))
+        if self.config.use_logn_attn and not self.training:
+            kwargs["query_scale"] = logn_query_scale(position_ids[0], self.config.seq_length)
         mask = causal_mask(attention_mask, past_length, x.shape[1], self.config._attn_implementation)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
@@ -1199,6 +1285,19 @@ class QwenVLTextModel(QwenVLPreTrainedModel):
             if deepstack is not None and i < len(deepstack.levels):
                 x = deepstack.add(x, i)
         return self.norm(x)
+
+    def ntk_alpha(self, attention_mask, cache, past_length, shape):
+        """Dynamic NTK (inference only): the factor set by each sample's prefill length, kept on the cache for the
+        decoding steps that follow (it changes only at the next prefill). -> [B] or None"""
+        if not self.config.use_dynamic_ntk or self.training:
+            return None
+        if past_length > 0:
+            return getattr(cache, "ntk_alpha", None)
+        lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full(shape[:1], shape[1])
+        alpha = dynamic_ntk_alpha(lengths, self.config.seq_length)
+        if cache is not None:
+            cache.ntk_alpha = alpha
+        return alpha
 
 
 # ======================================================================================================================
@@ -1260,8 +1359,7 @@ class QwenVLModel(QwenVLPreTrainedModel):
 
     def _vision_features(self, pixel_values, grid_thw):
         merged = self.visual(pixel_values, grid_thw)
-        sizes = (grid_thw.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
-        return merged.split(sizes)
+        return merged.split(vision_tokens_per_item(self.config.vision_config, grid_thw))
 
     def get_rope_index(
         self, input_ids=None, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
@@ -1382,6 +1480,11 @@ def deepstack_of(config, input_ids, features):
     for kind, modality in features.items():
         levels[:, input_ids[positions] == token_ids[kind]] = modality
     return DeepStack(positions, levels)
+def vision_tokens_per_item(vision_config, grid_thw):
+    """How many tokens each image or video becomes: a 2x2 merge, or the Resampler's queries per frame. -> [int]"""
+    if vision_config.projector == "resampler":
+        return (grid_thw[:, 0] * vision_config.num_queries).tolist()
+    return (grid_thw.prod(-1) // vision_config.spatial_merge_size**2).tolist()
 
 
 def vision_output(features, return_dict):
@@ -1424,7 +1527,10 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """Also loads the official hub layout (`model.layers.*`, `visual.*`), renamed on the fly."""
+        """Also loads the official hub layout (`model.layers.*`, `visual.*`), renamed on the fly, and an original
+        Qwen-VL (2023) directory as it ships (`transformer.*`, converted on the fly)."""
+        if is_qwen_vl_2023_directory(args[0] if args else kwargs.get("pretrained_model_name_or_path")):
+            return load_qwen_vl_2023(cls, *args, **kwargs)
         kwargs.setdefault("key_mapping", {**HUB_KEY_MAPPING, **QWEN3_KEY_MAPPING})
         return super().from_pretrained(*args, **kwargs)
 
@@ -1708,6 +1814,126 @@ def refuse_missing_or_unexpected(directory, info):
                 f"{directory}: {len(keys)} {kind.replace('_keys', '')} weight(s): {shown}. The checkpoint does not "
                 "match its config; pass strict=False to load it anyway"
             )
+
+
+# The original Qwen-VL (2023) checkpoint (`transformer.*`, `lm_head.*`): renamed here; the tensors whose layout
+# differs from our modules are reshaped in qwen_vl_2023_state_dict.
+QWEN_VL_2023_RENAMES = tuple(
+    (re.compile(source), target) for source, target in (
+        (r"^transformer\.wte\.", "model.language_model.embed_tokens."),
+        (r"^transformer\.ln_f\.", "model.language_model.norm."),
+        (r"^transformer\.h\.(\d+)\.ln_1\.", r"model.language_model.layers.\1.input_layernorm."),
+        (r"^transformer\.h\.(\d+)\.ln_2\.", r"model.language_model.layers.\1.post_attention_layernorm."),
+        (r"^transformer\.h\.(\d+)\.attn\.c_proj\.", r"model.language_model.layers.\1.self_attn.o_proj."),
+        (r"^transformer\.h\.(\d+)\.mlp\.w1\.", r"model.language_model.layers.\1.mlp.up_proj."),  # SiLU is on w2
+        (r"^transformer\.h\.(\d+)\.mlp\.w2\.", r"model.language_model.layers.\1.mlp.gate_proj."),
+        (r"^transformer\.h\.(\d+)\.mlp\.c_proj\.", r"model.language_model.layers.\1.mlp.down_proj."),
+        (r"^transformer\.visual\.positional_embedding$", "model.visual.pos_embed.weight"),
+        (r"^transformer\.visual\.ln_pre\.", "model.visual.ln_pre."),
+        (r"^transformer\.visual\.transformer\.resblocks\.(\d+)\.ln_1\.", r"model.visual.blocks.\1.norm1."),
+        (r"^transformer\.visual\.transformer\.resblocks\.(\d+)\.ln_2\.", r"model.visual.blocks.\1.norm2."),
+        (r"^transformer\.visual\.transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"model.visual.blocks.\1.attn.proj."),
+        (r"^transformer\.visual\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"model.visual.blocks.\1.mlp.fc1."),
+        (r"^transformer\.visual\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"model.visual.blocks.\1.mlp.fc2."),
+        (r"^transformer\.visual\.attn_pool\.attn\.out_proj\.", "model.visual.merger.o_proj."),
+        (r"^transformer\.visual\.attn_pool\.(query|pos_embed|kv_proj\.|ln_q\.|ln_kv\.)", r"model.visual.merger.\1"),
+        (r"^transformer\.visual\.ln_post\.", "model.visual.merger.ln_post."),
+        (r"^lm_head\.", "lm_head."),
+    )
+)
+QWEN_VL_2023_FUSED_QKV = (  # [q; k; v] rows, split into three Linears
+    (re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)$"), r"model.language_model.layers.\1.self_attn.{}_proj.\2"),
+    (re.compile(r"^transformer\.visual\.attn_pool\.attn\.in_proj_(weight|bias)$"), r"model.visual.merger.{}_proj.\1"),
+)
+QWEN_VL_2023_VIT_QKV = re.compile(r"^transformer\.visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj\.(weight|bias)$")
+
+
+def is_qwen_vl_2023_directory(directory):
+    """Whether `directory` is an original Qwen-VL / Qwen-VL-Chat folder (config.json with model_type "qwen" and a
+    `visual` dict)."""
+    path = os.path.join(str(directory), "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as file:
+        config = json.load(file)
+    return config.get("model_type") == "qwen" and "visual" in config
+
+
+def qwen_vl_2023_state_dict(tensors, config):
+    """The original Qwen-VL (2023) tensors under our names and layouts. Fused q/k/v are split; the ViT's q/k/v rows,
+    interleaved per head ([q_h; k_h; v_h] for each head h), are reordered to [q; k; v]; the original applies
+    `x @ proj`, a Linear holds proj^T; the 2-D patch convolution gains a time axis of 1."""
+    heads = config.vision_config.num_heads
+    converted, unknown = {}, []
+    for name, tensor in tensors.items():
+        fused = [(pattern.match(name), target) for pattern, target in QWEN_VL_2023_FUSED_QKV]
+        fused = next(((match, target) for match, target in fused if match), None)
+        if fused:
+            for part, piece in zip("qkv", tensor.chunk(3)):
+                converted[fused[0].expand(fused[1].format(part))] = piece.contiguous()
+        elif match := QWEN_VL_2023_VIT_QKV.match(name):
+            per_head = tensor.unflatten(0, (heads, 3, -1)).transpose(0, 1).flatten(0, 2)
+            converted[match.expand(r"model.visual.blocks.\1.attn.qkv.\2")] = per_head.contiguous()
+        elif name == "transformer.visual.proj":
+            converted["model.visual.merger.proj.weight"] = tensor.t().contiguous()
+        elif name == "transformer.visual.conv1.weight":
+            converted["model.visual.patch_embed.proj.weight"] = tensor.unsqueeze(2).contiguous()
+        elif renamed := next((pattern.sub(target, name) for pattern, target in QWEN_VL_2023_RENAMES if pattern.match(name)), None):
+            converted[renamed] = tensor
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"not a Qwen-VL (2023) checkpoint: unknown weight(s) {', '.join(sorted(unknown)[:5])}")
+    return converted
+
+
+def read_checkpoint_tensors(directory, allow_pickle=False):
+    """Every tensor of a local checkpoint folder: its safetensors files, or else its pickle `.bin` shards, read with
+    torch.load(weights_only=True) and only when `allow_pickle` (the caller passed use_safetensors=False)."""
+    names = sorted(os.listdir(directory))
+    files = [n for n in names if n.endswith(".safetensors")]
+    if files:
+        tensors = {}
+        for name in files:
+            with safe_open(os.path.join(directory, name), framework="pt") as file:
+                tensors.update({key: file.get_tensor(key) for key in file.keys()})
+        return tensors
+    if not allow_pickle:
+        refuse_pickle_only_directory(directory)
+        raise OSError(f"{directory} holds no weights (no .safetensors or pytorch_model*.bin files)")
+    tensors = {}
+    for name in (n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")):
+        tensors.update(torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True, mmap=True))
+    return tensors
+
+
+def load_qwen_vl_2023(cls, directory, *args, **kwargs):
+    """An original Qwen-VL (2023) folder, as it ships, loaded into `cls`: its config.json read by QwenVLConfig, its
+    tensors converted by qwen_vl_2023_state_dict, its generation_config.json's stopping and sampling kept."""
+    config = kwargs.pop("config", None) or QwenVLConfig.from_pretrained(directory)
+    tensors = read_checkpoint_tensors(directory, allow_pickle=kwargs.pop("use_safetensors", None) is False)
+    model = cls.from_pretrained(None, *args, config=config, state_dict=qwen_vl_2023_state_dict(tensors, config), **kwargs)
+    model.generation_config = qwen_vl_2023_generation_config(directory, model.generation_config)
+    return model
+
+
+def qwen_vl_2023_generation_config(directory, generation_config):
+    """The original generation_config.json in our terms: a chat model ("chatml") stops at <|im_end|> or
+    <|im_start|> as the original's stop words do (it then forces <|endoftext|>), a base model ("raw") at
+    <|endoftext|>; sampling settings as given."""
+    path = os.path.join(directory, "generation_config.json")
+    original = {}
+    if os.path.isfile(path):
+        with open(path) as file:
+            original = json.load(file)
+    eos = original.get("eos_token_id", 151643)
+    chat = original.get("chat_format", "chatml") == "chatml"
+    generation_config.eos_token_id = [eos, 151645, 151644] if chat else [eos]
+    generation_config.pad_token_id = original.get("pad_token_id", eos)
+    for name in ("do_sample", "top_k", "top_p", "max_new_tokens"):
+        if name in original:
+            setattr(generation_config, name, original[name])
+    return generation_config
 
 
 def refuse_pickle_only_directory(directory):

@@ -103,6 +103,18 @@ REQUEST_LIMITS = ("max_items_per_request", "max_vision_tokens_per_request")
 # Private-use characters stand in for the "<" of user text while the chat template renders (see `_TextEscape`).
 _PRIVATE_USE = range(0xE000, 0xF900)
 
+# The vision markers of each tokenizer: span start, image placeholder, video placeholder, span end.
+QWEN2_VISION_MARKERS = ("<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>")
+# Qwen-VL (2023): <img> + 256 <imgpad> + </img>, and no videos. The original always reserves 256 positions, one per
+# Resampler query, whatever the picture; its raw prompts name a picture inside the span (`<img>path</img>`), which
+# `__call__` reads as the placeholder of the next image given.
+QWEN_VL_VISION_MARKERS = ("<img>", "<imgpad>", None, "</img>")
+QWEN_VL_IMAGE_TOKENS = 256
+QWEN_VL_IMAGE_SPAN = re.compile(r"<img>.*?</img>", re.DOTALL)
+# The special tokens that message text may spell in a Qwen-VL chat (the original make_context's IMAGE_ST: grounding
+# and image tags); every other special-token string typed in a message is read as text, as the original does.
+QWEN_VL_TEXT_TAGS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>")
+
 
 class QwenVLProcessor(ProcessorMixin):
     """Qwen2.5-VL / Qwen2-VL processor: a `QwenVLImageProcessor` for images and videos plus the Qwen2 tokenizer.
@@ -143,15 +155,14 @@ class QwenVLProcessor(ProcessorMixin):
         self.max_vision_tokens_per_request = _check_limit(
             max_vision_tokens_per_request, "max_vision_tokens_per_request"
         )
-        self.image_token = "<|image_pad|>"
-        self.video_token = "<|video_pad|>"
+        self.is_qwen_vl = tokenizer.convert_tokens_to_ids("<imgpad>") not in (None, tokenizer.unk_token_id)
+        markers = QWEN_VL_VISION_MARKERS if self.is_qwen_vl else QWEN2_VISION_MARKERS
+        self.image_token = markers[1]
+        self.video_token = markers[2]
         self.image_token_id = self._token_id(self.image_token)
-        self.video_token_id = self._token_id(self.video_token)
+        self.video_token_id = self._token_id(self.video_token) if self.video_token else None
         # A vision span is <|vision_start|>, its pads, <|vision_end|>: truncation must keep all of each span.
-        self._span_tokens = {
-            token: self._token_id(token)
-            for token in ("<|vision_start|>", self.image_token, self.video_token, "<|vision_end|>")
-        }
+        self._span_tokens = {token: self._token_id(token) for token in markers if token}
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, *processor_dict, **kwargs):
@@ -244,6 +255,8 @@ class QwenVLProcessor(ProcessorMixin):
         video_inputs = [] if videos is None else video_list(videos, paths=True)
 
         texts = None if text is None else _as_text_list(text)
+        if texts is not None and self.is_qwen_vl:
+            texts = [QWEN_VL_IMAGE_SPAN.sub(f"<img>{self.image_token}</img>", sample) for sample in texts]
         if texts is not None:
             # Checked before any media is read: counting needs only the lists.
             images_per_sample = _images_per_sample(images, len(texts))
@@ -387,7 +400,10 @@ class QwenVLProcessor(ProcessorMixin):
         )
 
     def _tokens_per_grid(self, grid_thw: torch.Tensor) -> list[int]:
-        """Merged vision tokens per image / video: every merge_size x merge_size block of patches is one token."""
+        """Merged vision tokens per image / video: every merge_size x merge_size block of patches is one token (Qwen-VL
+        2023: the Resampler's 256 queries per picture)."""
+        if self.is_qwen_vl:
+            return [int(t) * QWEN_VL_IMAGE_TOKENS for t, _, _ in grid_thw.tolist()]
         return [int(t * h * w) // self.image_processor.merge_size**2 for t, h, w in grid_thw.tolist()]
 
     def _timestamped_videos(self, grid_thw: torch.Tensor, video_items: list) -> list[str]:
@@ -413,6 +429,10 @@ class QwenVLProcessor(ProcessorMixin):
         """
         expected = ((self.image_token, images, "image"), (self.video_token, videos, "video"))
         for token, counts, kind in expected:
+            if token is None:  # Qwen-VL (2023) takes no videos
+                if counts if isinstance(counts, int) else any(counts):
+                    raise ValueError(f"this model takes no {kind}s (Qwen-VL 2023 reads images only)")
+                continue
             if isinstance(counts, int):
                 found = sum(sample.count(token) for sample in texts)
                 if found != counts:
@@ -461,7 +481,7 @@ class QwenVLProcessor(ProcessorMixin):
         """What a placeholder is in the text. A Qwen3-VL video's spans bring their own <|vision_start|> and
         <|vision_end|>, so there the template's whole `<|vision_start|><|video_pad|><|vision_end|>` is replaced
         (as the Qwen code does; a bare `<|video_pad|>` too)."""
-        placeholders = [self.image_token, self.video_token]
+        placeholders = [token for token in (self.image_token, self.video_token) if token]  # Qwen-VL 2023: no video
         if self.video_timestamps:
             placeholders.insert(0, f"<|vision_start|>{self.video_token}<|vision_end|>")
         return re.compile("|".join(re.escape(placeholder) for placeholder in placeholders))
@@ -662,10 +682,12 @@ class QwenVLProcessor(ProcessorMixin):
 
         _check_known_options(call_kwargs, (*VIDEO_OPTIONS, *OUTPUT_OPTIONS, *TOKENIZER_OPTIONS), template_variables)
         item_defaults = {name: call_kwargs.pop(name) for name in VIDEO_OPTIONS if name in call_kwargs}
-        split_special_tokens = self._splits(call_kwargs.pop("split_special_tokens", None))
+        # Qwen-VL (2023) chats read special-token strings in message text as text by default, as make_context does.
+        split_special_tokens = self._splits(call_kwargs.pop("split_special_tokens", True if self.is_qwen_vl else None))
         text_escape = None
         if split_special_tokens:
-            text_escape = _TextEscape.unused_in(prompts + [template], self._special_tokens())
+            kept = QWEN_VL_TEXT_TAGS if self.is_qwen_vl else ()
+            text_escape = _TextEscape.unused_in(prompts + [template], self._special_tokens(), kept)
             prompts = self._render([text_escape.hide_in(conv) for conv in conversations], render)
 
         media = [list(_media_items(conv)) for conv in conversations]
@@ -744,7 +766,7 @@ class QwenVLProcessor(ProcessorMixin):
         if image_sizes is not None:
             patches = [self.image_processor.get_number_of_image_patches(h, w, image_options) for h, w in image_sizes]
             data["num_image_patches"] = patches
-            data["num_image_tokens"] = [n // merge_area for n in patches]
+            data["num_image_tokens"] = [QWEN_VL_IMAGE_TOKENS if self.is_qwen_vl else n // merge_area for n in patches]
         if video_sizes is not None:
             data["num_video_tokens"] = [self._video_patches(*size) // merge_area for size in video_sizes]
         return MultiModalData(**data)
@@ -982,12 +1004,13 @@ class _TextEscape:
     one character for one, so offsets in the escaped prompt hold for the real one.
     """
 
-    def __init__(self, table: dict[str, str]):
+    def __init__(self, table: dict[str, str], kept=()):
         self._hide = str.maketrans(table)
         self._restore = str.maketrans({private: lead for lead, private in table.items()})
+        self._kept = {token.translate(self._hide): token for token in kept}  # special tokens text may spell
 
     @classmethod
-    def unused_in(cls, texts: list[str], special_tokens) -> "_TextEscape":
+    def unused_in(cls, texts: list[str], special_tokens, kept=()) -> "_TextEscape":
         used = set().union(*(set(text) for text in texts))
         free = (chr(code) for code in _PRIVATE_USE if chr(code) not in used)
         table = {}
@@ -995,10 +1018,13 @@ class _TextEscape:
             table[lead] = next(free, None)
             if table[lead] is None:
                 raise ValueError("split_special_tokens=True needs a private-use character that the text does not use")
-        return cls(table)
+        return cls(table, kept)
 
     def hide(self, text: str) -> str:
-        return text.translate(self._hide)
+        text = text.translate(self._hide)
+        for hidden, token in self._kept.items():
+            text = text.replace(hidden, token)
+        return text
 
     def restore(self, text: str) -> str:
         return text.translate(self._restore)
