@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -68,6 +68,9 @@ except ImportError:
     register_checkpoint_conversion_mapping = None
 # 4. 5.x saves weights back in the layout they were loaded from unless told otherwise.
 SAVES_ORIGINAL_FORMAT = "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+# 5. 5.x fuses the experts of its DeepSeek-V3 decoder into `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj`
+#    [E, H, I] (and converts official per-expert weights on load); 4.x keeps them one by one. Told apart by the
+#    parameter names in `kimi_state_dict`.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -133,11 +136,11 @@ class QwenVLPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         std = getattr(self.config, "initializer_range", 0.02)
-        if isinstance(module, (nn.Linear, nn.Conv3d)):
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, (nn.Embedding, PositionTable)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (RMSNorm, nn.LayerNorm)):
             nn.init.ones_(module.weight)
@@ -175,28 +178,54 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-def make_norm(norm_type, dim):
-    return RMSNorm(dim, eps=1e-6) if norm_type == "rmsnorm" else LayerNorm(dim, eps=1e-6)
+def make_norm(norm_type, dim, eps=1e-6):
+    return RMSNorm(dim, eps=eps) if norm_type == "rmsnorm" else LayerNorm(dim, eps=eps)
 
 
 class PatchEmbed(nn.Module):
     """One linear map per row of `pixel_values` (a Conv3d with kernel = stride, kept as Conv3d
-    so checkpoints load; computed as a matmul, which is the same maths and faster)."""
+    so checkpoints load; computed as a matmul, which is the same maths and faster). A tower for still images only
+    (temporal_patch_size 1, MoonViT) has a Conv2d, as its checkpoints do."""
 
     def __init__(self, config):
         super().__init__()
         self.temporal_patch_size = config.temporal_patch_size
-        kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
-        self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel, stride=kernel, bias=False)
+        bias = config.patch_embed_bias
+        if config.temporal_patch_size == 1:
+            kernel = (config.patch_size, config.patch_size)
+            self.proj = nn.Conv2d(config.in_channels, config.hidden_size, kernel, stride=kernel, bias=bias)
+        else:
+            kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
+            self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel, stride=kernel, bias=bias)
 
     def forward(self, pixel_values):  # [N, C*T*P*P] -> [N, hidden]
-        weight = self.proj.weight  # [hidden, C, T, P, P]
+        weight = self.proj.weight  # [hidden, C, T, P, P], or [hidden, C, P, P] without a time axis
+        if self.proj.bias is not None or self.temporal_patch_size == 1:  # nothing to fold
+            return F.linear(pixel_values.to(weight.dtype), weight.flatten(1), self.proj.bias)
         frames = pixel_values.view(pixel_values.shape[0], weight.shape[1], self.temporal_patch_size, -1)
         if torch.equal(frames[:, :, :1].expand_as(frames), frames):
             # a still image is its frame repeated: sum the kernel over time and read one frame
             folded = weight.sum(2).flatten(1)
             return frames[:, :, 0].reshape(frames.shape[0], -1).to(folded.dtype) @ folded.t()
         return pixel_values.to(weight.dtype) @ weight.flatten(1).t()
+
+
+class PositionTable(nn.Module):
+    """Learned absolute positions (MoonViT): a side x side table, resampled bicubically to each image's grid as
+    `F.interpolate` does it (align_corners=False, no antialiasing; at the table's own size it is the identity)."""
+
+    def __init__(self, config):
+        super().__init__()
+        side = math.isqrt(config.num_position_embeddings)
+        self.weight = nn.Parameter(torch.empty(side, side, config.hidden_size))
+
+    def forward(self, grid_thw):  # -> [N, hidden], patches in raster order within each frame
+        table = self.weight.permute(2, 0, 1)[None]  # [1, hidden, side, side]
+        per_item = []
+        for t, h, w in grid_thw.tolist():
+            resampled = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)
+            per_item.append(resampled[0].flatten(1).t().repeat(t, 1))
+        return torch.cat(per_item)
 
 
 # ======================================================================================================================
@@ -226,7 +255,10 @@ def vision_rotary_tables(config, grid_thw, device):
     inv_freq = 1.0 / (config.rope_theta**quarter)
     hw = patch_hw_positions(grid_thw, config.spatial_merge_size).to(device)
     table = torch.arange(int(grid_thw[:, 1:].max()), device=device, dtype=torch.float)[:, None] * inv_freq.to(device)
-    angles = table[hw].flatten(1)  # [N, D/2]: h frequencies then w frequencies
+    angles = table[hw]  # [N, 2, D/4]: each frequency's angle by row (h) and by column (w)
+    if config.vision_rope_layout == "pairs":  # MoonViT: pair 2j turns with the column, pair 2j + 1 with the row
+        angles = angles.flip(1).transpose(1, 2)
+    angles = angles.flatten(1)  # [N, D/2]: "halves": h frequencies then w frequencies
     return angles.cos(), angles.sin()
 
 
@@ -260,6 +292,16 @@ def frame_seqlens(grid_thw):
     """Boundaries of every frame of every image or video, in patches (full attention segments)."""
     per_frame = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
     return F.pad(per_frame.cumsum(0), (1, 0))
+
+
+def raster_to_merge_index(grid_thw, merge_size):
+    """For each row in merge order (t, h/m, w/m, m, m), the row of the same patch in raster order (t, h, w). -> [N]"""
+    index, offset = [], 0
+    for t, h, w in grid_thw.tolist():
+        raster = torch.arange(t * h * w).view(t, h // merge_size, merge_size, w // merge_size, merge_size)
+        index.append(raster.permute(0, 1, 3, 2, 4).flatten() + offset)
+        offset += t * h * w
+    return torch.cat(index)
 
 
 def to_window_order(x, window_index):
@@ -423,12 +465,15 @@ class GridPlan:
     windows: list | None = None  # [Slice] window attention (Qwen2.5-VL)
     window_index: torch.Tensor | None = None  # [M] merged-token order of the blocks
     inverse_index: torch.Tensor | None = None  # [M] back to raster order
+    merge_index: torch.Tensor | None = None  # [N] raster-ordered pixel rows into merge order (MoonViT)
 
 
 def plan_grids(config, grid_thw, device):
     cos, sin = vision_rotary_tables(config, grid_thw, device)
     max_rows = rows_per_slice(3 * config.hidden_size, torch.device(device))
     plan = GridPlan(cos, sin, segment_slices(frame_seqlens(grid_thw), max_rows, device))
+    if config.patch_order == "raster":
+        plan.merge_index = raster_to_merge_index(grid_thw, config.spatial_merge_size).to(device)
     if config.uses_window_attention:
         window_index, cu_window_seqlens = get_window_index(
             grid_thw, config.window_size, config.spatial_merge_size, config.patch_size
@@ -474,6 +519,14 @@ def apply_vision_rotary(qk, cos, sin):
     return rotated.to(qk.dtype)
 
 
+def apply_vision_rotary_pairs(qk, cos, sin):
+    """The same rotation on (x[2i], x[2i+1]) pairs, MoonViT's layout ([N, 2, H, D]; cos, sin [N, D/2]), in float32."""
+    x1, x2 = qk.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None, None], sin[:, None, None]  # [N, 1, 1, D/2]
+    rotated = torch.stack([torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin)], dim=-1)
+    return rotated.flatten(-2).to(qk.dtype)
+
+
 class VisionAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -499,7 +552,8 @@ class VisionAttention(nn.Module):
 
     def rotated_qkv(self, x, cos, sin):  # -> q, k, v: [N, H, D]
         qkv = self.qkv(x.to(self.qkv.weight.dtype)).view(x.shape[0], 3, self.num_heads, -1)
-        q, k = apply_vision_rotary(qkv[:, :2], cos, sin).unbind(1)
+        rotate = apply_vision_rotary_pairs if self.config.vision_rope_layout == "pairs" else apply_vision_rotary
+        q, k = rotate(qkv[:, :2], cos, sin).unbind(1)
         return q, k, qkv[:, 2]
 
 
@@ -535,8 +589,8 @@ class VisionMLP(nn.Module):
 class VisionBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.norm1 = make_norm(config.norm_type, config.hidden_size)
-        self.norm2 = make_norm(config.norm_type, config.hidden_size)
+        self.norm1 = make_norm(config.norm_type, config.hidden_size, config.norm_eps)
+        self.norm2 = make_norm(config.norm_type, config.hidden_size, config.norm_eps)
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
@@ -551,7 +605,7 @@ class PatchMerger(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.group_dim = config.hidden_size * config.spatial_merge_size**2
-        self.ln_q = make_norm(config.norm_type, config.hidden_size)
+        self.ln_q = make_norm(config.norm_type, config.hidden_size, config.norm_eps)
         self.mlp = nn.Sequential(
             nn.Linear(self.group_dim, self.group_dim), nn.GELU(), nn.Linear(self.group_dim, config.out_hidden_size)
         )
@@ -612,7 +666,9 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.patch_embed = PatchEmbed(config)
+        self.pos_emb = PositionTable(config) if config.num_position_embeddings else None
         self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
+        self.final_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps) if config.final_norm else None
         self.merger = PatchMerger(config)
         self.gradient_checkpointing = False
         self._plans = {}  # grid shapes -> GridPlan, most recent last
@@ -628,7 +684,11 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
     def encode(self, pixel_values, grid_thw):
         plan = self.grid_plan(grid_thw, pixel_values.device)
         x = self.patch_embed(pixel_values)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(grid_thw)
         x = x.to(residual_dtype(x.dtype))
+        if plan.merge_index is not None:
+            x = x[plan.merge_index]
         if plan.window_index is not None:
             x = to_window_order(x, plan.window_index)
         for i, block in enumerate(self.blocks):
@@ -638,6 +698,8 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
                 x = self._gradient_checkpointing_func(block.__call__, x, slices, plan.cos, plan.sin)
             else:
                 x = block(x, slices, plan.cos, plan.sin)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
         merged = self.merger(x)
         return merged[plan.inverse_index] if plan.inverse_index is not None else merged
 
@@ -673,6 +735,8 @@ def get_rope_index(
     long(t * second_per_grid_ts * tokens_per_second) in float32 (Qwen2.5-VL videos). After a
     span, text continues at the maximum position so far + 1. Padding is skipped, so a padded
     sample gets the positions it would get alone."""
+    if config.text_config is not None:  # transformers' own decoder (Kimi-VL): 1-D positions, images take ordinary ones
+        return plain_positions(input_ids if input_ids is not None else mm_token_type_ids, attention_mask)
     token_types = mm_token_type_ids if mm_token_type_ids is not None else token_types_of(config, input_ids)
     batch, length = token_types.shape
     check_attention_mask(attention_mask, token_types.shape)
@@ -697,6 +761,14 @@ def get_rope_index(
     for vision in spans.values():
         vision.check_all_used()
     return position_ids.to(token_types.device), rope_deltas.to(token_types.device)
+
+
+def plain_positions(tokens, attention_mask):
+    """1-D positions 0, 1, ... of each sample's real tokens (padding skipped), on all three axes. -> ([3, B, L], zero
+    rope_deltas [B, 1])"""
+    check_attention_mask(attention_mask, tokens.shape)
+    zeros = torch.zeros(tokens.shape[0], 1, dtype=torch.long, device=tokens.device)
+    return text_positions(attention_mask, 0, tokens.shape[1], zeros, tokens.device), zeros
 
 
 def check_attention_mask(attention_mask, shape):
@@ -1076,7 +1148,12 @@ class QwenVLModel(QwenVLPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.visual = QwenVLVisionModel(config.vision_config)
-        self.language_model = QwenVLTextModel(config)
+        if config.text_config is not None:  # Kimi-VL: transformers' own DeepSeek-V3, as LLaVA-style models hold theirs
+            self.language_model = AutoModel.from_config(
+                config.text_config, attn_implementation=config._attn_implementation
+            )
+        else:
+            self.language_model = QwenVLTextModel(config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -1113,11 +1190,13 @@ class QwenVLModel(QwenVLPreTrainedModel):
         self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
         inputs_embeds=None, use_cache=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None,
         video_grid_thw=None, second_per_grid_ts=None, mm_token_type_ids=None, rope_deltas=None,
-        sparse_embedding_grad=False, **kwargs,
+        sparse_embedding_grad=False, image_grid_hws=None, **kwargs,
     ):
         """`sparse_embedding_grad=True` gives the embedding table a sparse gradient (only the rows looked up); for
         the tied head's loss path of QwenVLForConditionalGeneration, which adds it to the head's dense one."""
         cache = cache if cache is not None else past_key_values
+        if image_grid_hws is not None:
+            pixel_values, image_grid_thw = still_image_inputs(pixel_values, image_grid_hws)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         use_cache = use_cache if use_cache is not None else self.config.use_cache
@@ -1144,7 +1223,13 @@ class QwenVLModel(QwenVLPreTrainedModel):
             )
         else:
             position_ids = check_position_ids(position_ids, inputs_embeds.shape[:2])
-        hidden = self.language_model(inputs_embeds, position_ids, attention_mask, cache, **kwargs)
+        if self.config.text_config is not None:  # transformers' own decoder: 1-D positions, its own masks
+            hidden = self.language_model(
+                inputs_embeds=inputs_embeds, position_ids=position_ids[0], attention_mask=attention_mask,
+                use_cache=use_cache, **{CACHE_NAME: cache}, **kwargs,
+            ).last_hidden_state
+        else:
+            hidden = self.language_model(inputs_embeds, position_ids, attention_mask, cache, **kwargs)
         return QwenVLModelOutput(last_hidden_state=hidden, rope_deltas=rope_deltas, **{CACHE_NAME: cache})
 
     def scatter_vision(self, input_ids, inputs_embeds, pixel_values, grid_thw, kind):
@@ -1187,6 +1272,15 @@ class QwenVLModel(QwenVLPreTrainedModel):
         return text_positions(attention_mask, past_length, new_length, rope_deltas, inputs_embeds.device), rope_deltas
 
 
+def still_image_inputs(pixel_values, image_grid_hws):
+    """Kimi-VL's processor outputs, pixel rows [N, 3, P, P] and grids [images, 2] (h, w), as rows [N, 3*P*P] and
+    grid_thw [images, 3]."""
+    if not isinstance(image_grid_hws, torch.Tensor) or image_grid_hws.dim() != 2 or image_grid_hws.shape[1] != 2:
+        raise ValueError(f"image_grid_hws must be a tensor of shape [images, 2], got {getattr(image_grid_hws, 'shape', image_grid_hws)}")
+    grid_thw = torch.cat([torch.ones_like(image_grid_hws[:, :1]), image_grid_hws], dim=1)
+    return (pixel_values.flatten(1) if pixel_values is not None else None), grid_thw
+
+
 def vision_output(features, return_dict):
     """Per-item vision tokens as returned by get_image_features / get_video_features."""
     return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
@@ -1223,12 +1317,16 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = QwenVLModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.text_config is not None:
+            # Kimi-VL's checkpoint names have no common prefix (`vision_tower.`, `language_model.`, ...): with one
+            # declared, 4.x would take them for a base model's and prefix them all, the head's too.
+            self.base_model_prefix = ""
         self.post_init()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Also loads the official hub layout (`model.layers.*`, `visual.*`), renamed on the fly."""
-        kwargs.setdefault("key_mapping", HUB_KEY_MAPPING)
+        kwargs.setdefault("key_mapping", {**HUB_KEY_MAPPING, **KIMI_KEY_MAPPING})
         return super().from_pretrained(*args, **kwargs)
 
     def save_pretrained(self, *args, **kwargs):
@@ -1238,6 +1336,8 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         token. The live model's settings are left as they were."""
         if SAVES_ORIGINAL_FORMAT:
             kwargs.setdefault("save_original_format", False)
+        if self.config.text_config is not None:  # Kimi-VL keeps its official layout
+            kwargs.setdefault("state_dict", kimi_state_dict(self.state_dict()))
         self.config.auto_map = dict(AUTO_MAP)
         live = self.config.use_cache, self.generation_config.use_cache
         self.config.use_cache = self.generation_config.use_cache = True
@@ -1328,6 +1428,10 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and num_return_sequences repeat each sample; pixel rows belong to samples
         by their placeholders, not by row, so they are repeated per sample here."""
+        if model_kwargs.get("image_grid_hws") is not None:
+            model_kwargs["pixel_values"], model_kwargs["image_grid_thw"] = still_image_inputs(
+                model_kwargs.get("pixel_values"), model_kwargs.pop("image_grid_hws")
+            )
         vision = {name: model_kwargs.pop(name) for name in VISION_INPUTS if model_kwargs.get(name) is not None}
         if expand_size > 1 and vision:
             vision = expand_vision_inputs(self.config, input_ids, vision, expand_size)
@@ -1408,6 +1512,57 @@ HUB_KEY_MAPPING = {
     r"^visual\.": "model.visual.",
     r"^model\.(?!visual\.|language_model\.)": "model.language_model.",
 }
+# Kimi-VL's official layout against ours, "{}" standing for a block number. Loaded through the same key_mapping (the
+# prefixes of the two families never meet, so the renamings can apply in any order) and written back by
+# save_pretrained (`kimi_state_dict`), so that a Kimi-VL checkpoint keeps its layout.
+KIMI_NAMES = (
+    ("vision_tower.patch_embed.pos_emb.", "model.visual.pos_emb."),
+    ("vision_tower.patch_embed.proj.", "model.visual.patch_embed.proj."),
+    ("vision_tower.encoder.blocks.{}.norm0.", "model.visual.blocks.{}.norm1."),
+    ("vision_tower.encoder.blocks.{}.norm1.", "model.visual.blocks.{}.norm2."),
+    ("vision_tower.encoder.blocks.{}.wqkv.", "model.visual.blocks.{}.attn.qkv."),
+    ("vision_tower.encoder.blocks.{}.wo.", "model.visual.blocks.{}.attn.proj."),
+    ("vision_tower.encoder.blocks.{}.mlp.fc0.", "model.visual.blocks.{}.mlp.fc1."),
+    ("vision_tower.encoder.blocks.{}.mlp.fc1.", "model.visual.blocks.{}.mlp.fc2."),
+    ("vision_tower.encoder.final_layernorm.", "model.visual.final_norm."),
+    ("multi_modal_projector.pre_norm.", "model.visual.merger.ln_q."),
+    ("multi_modal_projector.linear_1.", "model.visual.merger.mlp.0."),
+    ("multi_modal_projector.linear_2.", "model.visual.merger.mlp.2."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+
+
+def name_pattern(prefix):
+    return "^" + re.escape(prefix).replace(re.escape("{}"), r"(\d+)")
+
+
+KIMI_KEY_MAPPING = {name_pattern(official): ours.replace("{}", r"\1") for official, ours in KIMI_NAMES}
+KIMI_SAVE_MAPPING = {re.compile(name_pattern(ours)): official.replace("{}", r"\1") for official, ours in KIMI_NAMES}
+
+
+def kimi_state_dict(state_dict):
+    """Our weights under Kimi-VL's official names, the experts one by one as the official files hold them (compat
+    item 5). Copies, not views: safetensors refuses tensors that share memory."""
+    official = {}
+    for name, tensor in state_dict.items():
+        for pattern, target in KIMI_SAVE_MAPPING.items():
+            name, renamed = pattern.subn(target, name)
+            if renamed:
+                break
+        if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H]: gate rows, then up rows
+            for expert, weight in enumerate(tensor):
+                gate, up = weight.chunk(2)
+                official[f"{name[:-len('gate_up_proj')]}{expert}.gate_proj.weight"] = gate.clone()
+                official[f"{name[:-len('gate_up_proj')]}{expert}.up_proj.weight"] = up.clone()
+        elif name.endswith("mlp.experts.down_proj"):  # [E, H, I]
+            for expert, weight in enumerate(tensor):
+                official[f"{name[:-len('down_proj')]}{expert}.down_proj.weight"] = weight.clone()
+        else:
+            official[name] = tensor
+    return official
+
+
 # Where the layers of either layout are numbered: (config field, what it counts, tensor-name pattern).
 LAYER_PATTERNS = (
     ("num_hidden_layers", "decoder layers", re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")),
@@ -1420,7 +1575,7 @@ LAYER_PATTERNS = (
 if register_checkpoint_conversion_mapping is not None:
     register_checkpoint_conversion_mapping(
         "QwenVLForConditionalGeneration",
-        [WeightRenaming(source, target) for source, target in HUB_KEY_MAPPING.items()],
+        [WeightRenaming(source, target) for source, target in {**HUB_KEY_MAPPING, **KIMI_KEY_MAPPING}.items()],
         overwrite=True,  # this file may be imported twice: from a checkout and as a model directory's remote code
     )
 
