@@ -1365,7 +1365,8 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
         inputs_embeds=None, labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None,
         image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None, mm_token_type_ids=None,
-        rope_deltas=None, logits_to_keep=0, num_items_in_batch=None, labelled_logits_only=False, **kwargs,
+        rope_deltas=None, logits_to_keep=0, num_items_in_batch=None, labelled_logits_only=False, image_grid_hws=None,
+        **kwargs,
     ):
         """With `labels`, returns the next-token loss. `labelled_logits_only=True` sends only the
         positions that have a label through the vocabulary head (the same loss, much less work
@@ -1381,7 +1382,7 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
             mm_token_type_ids=mm_token_type_ids, rope_deltas=rope_deltas, sparse_embedding_grad=sparse_embedding_grad,
-            **kwargs,
+            image_grid_hws=image_grid_hws, **kwargs,
         )
         hidden, loss = outputs.last_hidden_state, None
         if labels is not None:
