@@ -213,3 +213,44 @@ def test_kimi_inputs_are_checked(model, golden):
         model(input_ids=golden["text_only.input_ids"], pixel_values=rows, image_grid_hws=golden["processor.image_grid_hws"])
     with pytest.raises(ValueError, match="non-square"):
         QwenVLConfig(**dict(OFFICIAL_CONFIG, vision_config=dict(OFFICIAL_CONFIG["vision_config"], init_pos_emb_width=32)))
+
+
+# ---- the image processor (Kimi-VL mode: in_token_limit set) ----------------------------------------------------
+
+
+def kimi_image_processor(in_token_limit):
+    from image_processing_qwenvl import QwenVLImageProcessor
+
+    return QwenVLImageProcessor(
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, temporal_patch_size=1, in_token_limit=in_token_limit
+    )
+
+
+def test_image_processor_matches_the_original_pixels(golden, meta):
+    processor = kimi_image_processor(meta["processor"]["in_token_limit"])
+    images = [golden[f"image.{name}"].numpy() for name in "abc"]
+    out = processor(images=images, return_tensors="pt")
+    assert torch.equal(out["image_grid_hws"], golden["processor.image_grid_hws"])
+    assert max_diff(out["pixel_values"], golden["processor.pixel_values"]) == 0.0
+
+
+def test_image_sizes_follow_the_original_rescale(meta):
+    """The original's grid table (official Instruct options, in_token_limit 4096), padding included."""
+    from image_processing_qwenvl import moonvit_size
+
+    for row in meta["grid_table_official_instruct"]:
+        height, width = moonvit_size(row["height"], row["width"], patch_size=14, factor=28, in_token_limit=4096)
+        padded = (-(-width // 28) * 28, -(-height // 28) * 28)
+        assert list(padded) == row["resized_to"], row
+
+
+def test_thin_images_are_scaled_to_fit_where_the_original_fails():
+    """28 x 8000 px is under the patch budget, and the original raises "Exceed pos emb" (572 patches high)."""
+    import numpy as np
+
+    out = kimi_image_processor(4096)(images=np.zeros((8000, 28, 3), dtype=np.uint8))
+    assert out["image_grid_hws"].tolist() == [[510, 2]]
+    with pytest.raises(ValueError, match="images only"):
+        kimi_image_processor(4096)(images=np.zeros((28, 28, 3), dtype=np.uint8), videos=[np.zeros((2, 28, 28, 3))])
+    with pytest.raises(ValueError, match="in_token_limit"):
+        kimi_image_processor(0)
