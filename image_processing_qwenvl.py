@@ -1130,6 +1130,7 @@ class QwenVLImageProcessorKwargs(ImagesKwargs, total=False):
 
     min_pixels: int
     max_pixels: int
+    in_token_limit: int
     patch_size: int
     temporal_patch_size: int
     merge_size: int
@@ -1388,6 +1389,12 @@ class QwenVLImageProcessor(BaseImageProcessor):
         images_kwargs = images_kwargs or {}
         overrides = {name: images_kwargs[name] for name in ("patch_size", "merge_size") if name in images_kwargs}
         options = self._call_options(images_kwargs.get("min_pixels"), images_kwargs.get("max_pixels"), overrides)
+        if self.in_token_limit is not None:  # Kimi-VL: its own sizing, then padding to whole merge blocks
+            factor = options["patch_size"] * options["merge_size"]
+            new_height, new_width = moonvit_size(height, width, options["patch_size"], factor, self.in_token_limit)
+            return (-(-new_height // factor) * factor // options["patch_size"]) * (
+                -(-new_width // factor) * factor // options["patch_size"]
+            )
         new_height, new_width = self._image_size_for(options, None)(height, width)
         return (new_height // options["patch_size"]) * (new_width // options["patch_size"])
 

@@ -17,7 +17,7 @@ import jinja2.meta
 import torch
 import transformers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from transformers import Qwen2TokenizerFast
+from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import PaddingStrategy
@@ -94,6 +94,10 @@ MEDIA_KIND_BY_KEY = {"image": "image", "image_url": "image", "video": "video"}
 DEFAULT_MAX_ITEMS_PER_REQUEST = 1024
 DEFAULT_MAX_VISION_TOKENS_PER_REQUEST = 2**18
 REQUEST_LIMITS = ("max_items_per_request", "max_vision_tokens_per_request")
+# Kimi-VL (an image processor with `in_token_limit`): images only, each written by the template as
+# <|media_start|>image<|media_content|><|media_pad|><|media_end|>, its tokenizer a converted tiktoken vocabulary.
+KIMI_IMAGE_TOKEN = "<|media_pad|>"
+KIMI_SPAN_TOKENS = ("<|media_start|>", "<|media_content|>", KIMI_IMAGE_TOKEN, "<|media_end|>")
 # Private-use characters stand in for the "<" of user text while the chat template renders (see `_TextEscape`).
 _PRIVATE_USE = range(0xE000, 0xF900)
 
@@ -139,13 +143,13 @@ class QwenVLProcessor(ProcessorMixin):
         )
         self.image_token = "<|image_pad|>"
         self.video_token = "<|video_pad|>"
+        span_tokens = ("<|vision_start|>", self.image_token, self.video_token, "<|vision_end|>")
+        if getattr(image_processor, "in_token_limit", None) is not None:
+            self.image_token, self.video_token, span_tokens = KIMI_IMAGE_TOKEN, None, KIMI_SPAN_TOKENS
         self.image_token_id = self._token_id(self.image_token)
-        self.video_token_id = self._token_id(self.video_token)
+        self.video_token_id = self._token_id(self.video_token) if self.video_token else None
         # A vision span is <|vision_start|>, its pads, <|vision_end|>: truncation must keep all of each span.
-        self._span_tokens = {
-            token: self._token_id(token)
-            for token in ("<|vision_start|>", self.image_token, self.video_token, "<|vision_end|>")
-        }
+        self._span_tokens = {token: self._token_id(token) for token in span_tokens}
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, *processor_dict, **kwargs):
@@ -158,10 +162,10 @@ class QwenVLProcessor(ProcessorMixin):
         options (the request limits) are not the parts' business: transformers hands them to `__init__`.
         """
         kwargs = {name: value for name, value in kwargs.items() if name not in REQUEST_LIMITS}
-        return [
-            QwenVLImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs),
-            Qwen2TokenizerFast.from_pretrained(pretrained_model_name_or_path, **kwargs),
-        ]
+        image_processor = QwenVLImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        # Kimi-VL's tokenizer is its tiktoken vocabulary converted to tokenizer.json (convert_checkpoint.py)
+        tokenizer_class = PreTrainedTokenizerFast if image_processor.in_token_limit is not None else Qwen2TokenizerFast
+        return [image_processor, tokenizer_class.from_pretrained(pretrained_model_name_or_path, **kwargs)]
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -282,7 +286,7 @@ class QwenVLProcessor(ProcessorMixin):
         if image_items:
             encoded = [self._encode_charged_image(item, index, budget) for index, item in enumerate(image_items)]
             image_features = _concat(encoded)
-            image_counts = self._tokens_per_grid(image_features["image_grid_thw"])
+            image_counts = self._tokens_per_grid(_image_grid_thw(image_features))
             data.update(image_features)
         if video_items:
             video_features = _concat([self._encode_charged_video(item, budget) for item in video_items])
@@ -334,7 +338,7 @@ class QwenVLProcessor(ProcessorMixin):
         size, and with it its token count, is known only then; its own pixel bounds cap what one image can cost.
         """
         features = self._encode_image(*item)
-        budget.spend(self._tokens_per_grid(features["image_grid_thw"])[0], f"image {index}")
+        budget.spend(self._tokens_per_grid(_image_grid_thw(features))[0], f"image {index}")
         return features
 
     def _encode_charged_video(self, item: tuple, budget: "_TokenBudget") -> dict:
@@ -369,6 +373,8 @@ class QwenVLProcessor(ProcessorMixin):
         """
         expected = ((self.image_token, images, "image"), (self.video_token, videos, "video"))
         for token, counts, kind in expected:
+            if token is None:  # Kimi-VL has no video placeholder (its image processor refuses videos)
+                continue
             if isinstance(counts, int):
                 found = sum(sample.count(token) for sample in texts)
                 if found != counts:
@@ -415,7 +421,7 @@ class QwenVLProcessor(ProcessorMixin):
     def _widen_sample(self, sample: str, tokens_left: dict) -> tuple[str, list[dict]]:
         """One sample's placeholders widened, taking each item's token count from `tokens_left` in order."""
         kinds = {self.image_token: "image", self.video_token: "video"}
-        pattern = re.compile(f"{re.escape(self.image_token)}|{re.escape(self.video_token)}")
+        pattern = re.compile("|".join(re.escape(token) for token in kinds if token is not None))
         pieces, offsets, end, length = [], [], 0, 0
         for match in pattern.finditer(sample):
             replacement = match.group() * next(tokens_left[match.group()])
@@ -723,6 +729,14 @@ class QwenVLVideoView:
 
 
 # ---- input normalisation ---------------------------------------------------------------------------------------
+
+
+def _image_grid_thw(features: dict) -> torch.Tensor:
+    """The image grids of encoded features as [n, 3]: Kimi-VL's image processor gives (h, w) pairs (image_grid_hws)."""
+    if "image_grid_hws" not in features:
+        return features["image_grid_thw"]
+    hws = features["image_grid_hws"]
+    return torch.cat([torch.ones_like(hws[:, :1]), hws], dim=1)
 
 
 def _fps_per_video(fps, num_videos: int) -> list[float]:

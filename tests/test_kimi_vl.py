@@ -254,3 +254,77 @@ def test_thin_images_are_scaled_to_fit_where_the_original_fails():
         kimi_image_processor(4096)(images=np.zeros((28, 28, 3), dtype=np.uint8), videos=[np.zeros((2, 28, 28, 3))])
     with pytest.raises(ValueError, match="in_token_limit"):
         kimi_image_processor(0)
+
+
+# ---- the tokenizer: a checkpoint's tiktoken vocabulary converted to tokenizer.json ---------------------------------
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. It's 2025; they're testing 12345 tokens!\n"
+    "Kimi-VL reads pictures: a cat, two dogs and 3 birds. We'll see what's there...\n\n"
+    "月之暗面的视觉语言模型可以看图说话。中文和English混合的句子也要切分正确。北京市 Pascal\n"
+    "    indented code: def f(x):\n        return x ** 2  # comment\t tab\r\n"
+) * 4
+SPECIAL_NAMES = {0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>",
+                 10: "<|im_system|>", 17: "<|im_middle|>", 18: "<|media_start|>", 19: "<|media_content|>",
+                 20: "<|media_end|>", 21: "<|media_pad|>"}
+
+
+def train_ranks(text, merges):
+    """A small byte-level BPE vocabulary as tiktoken stores one: bytes -> rank, merges learnt greedily from `text`."""
+    import re
+
+    ranks = {bytes([b]): b for b in range(256)}
+    words = [[bytes([b]) for b in word.encode()] for word in re.findall(r" ?\w+| ?[^\w\s]+|\s+", text)]
+    for _ in range(merges):
+        pairs = {}
+        for word in words:
+            for pair in zip(word, word[1:]):
+                pairs[pair] = pairs.get(pair, 0) + 1
+        if not pairs:
+            break
+        best = max(pairs, key=pairs.get)
+        ranks[best[0] + best[1]] = len(ranks)
+        for word in words:
+            i = 0
+            while i < len(word) - 1:
+                if (word[i], word[i + 1]) == best:
+                    word[i : i + 2] = [best[0] + best[1]]
+                i += 1
+    return ranks
+
+
+def write_tiktoken_checkpoint_files(folder, ranks):
+    """tiktoken.model and tokenizer_config.json as a Kimi-VL checkpoint ships them."""
+    import base64
+
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in ranks.items()]
+    (folder / "tiktoken.model").write_text("\n".join(lines) + "\n")
+    decoder = {str(len(ranks) + offset): {"content": name, "special": True} for offset, name in SPECIAL_NAMES.items()}
+    config = {"added_tokens_decoder": decoder, "bos_token": "[BOS]", "eos_token": "[EOS]"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def test_converted_tokenizer_gives_tiktokens_ids(tmp_path):
+    tiktoken = pytest.importorskip("tiktoken")
+    from convert_checkpoint import KIMI_PATTERN, KIMI_SPECIAL_SLOTS, kimi_tokenizer
+
+    ranks = train_ranks(CORPUS, 400)
+    write_tiktoken_checkpoint_files(tmp_path, ranks)
+    specials = {
+        SPECIAL_NAMES.get(offset, f"<|reserved_token_{len(ranks) + offset}|>"): len(ranks) + offset
+        for offset in range(KIMI_SPECIAL_SLOTS)
+    }
+    reference = tiktoken.Encoding("kimi-test", pat_str=KIMI_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    ours = kimi_tokenizer(tmp_path)
+    samples = [
+        *CORPUS.splitlines(keepends=True), "", " ", "  leading spaces", "trailing   ", "\n\n\n", "a\r\nb",
+        "UPPER lower MiXeD CamelCase don't I'M", "3.14159 and 1,000,000 and 0x1F", "emoji 🙂 and ünïcödé ß",
+        "混合English中文123混合", "<|im_user|>user<|im_middle|>你好<|im_end|><|im_assistant|>assistant<|im_middle|>",
+        "<|media_start|>image<|media_content|><|media_pad|><|media_pad|><|media_end|>", "[BOS]text[EOS]",
+        f"<|reserved_token_{len(ranks) + 200}|> reserved", "tabs\tand\u00a0non-breaking\u2003spaces", CORPUS,
+    ]
+    for text in samples:
+        expected = reference.encode(text, allowed_special="all")
+        assert ours.encode(text, add_special_tokens=False) == expected, text
+        assert ours.decode(expected) == text
+    assert ours.convert_tokens_to_ids("<|media_pad|>") == len(ranks) + 21
