@@ -18,7 +18,7 @@ meaning the merger's output) is recognised by the presence of `embed_dim`.
 import inspect
 import math
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 # Every Auto class a saved model directory answers to (written into its config.json on save).
 AUTO_MAP = {
@@ -65,6 +65,11 @@ class QwenVLVisionConfig(PretrainedConfig):
         vision_rope=True,
         projector="merger",
         num_queries=256,
+        # MoonViT (Kimi-VL) switches
+        vision_rope_layout="halves",
+        final_norm=False,
+        norm_eps=1e-6,
+        patch_order="merge",
         **kwargs,
     ):
         if str(kwargs.get("model_type", "")).startswith("qwen3_vl"):  # the official Qwen3-VL file names only sizes
@@ -72,6 +77,17 @@ class QwenVLVisionConfig(PretrainedConfig):
             position_interpolation = "bilinear_align_corners"
             norm_type, gated_mlp = "layernorm", False
             window_size, fullatt_block_indexes, tokens_per_second = None, None, None
+        if kwargs.get("model_type") == "moonvit":  # Kimi-VL's MoonViT naming and its fixed design
+            depth = kwargs.pop("num_hidden_layers", 27)
+            num_heads = kwargs.pop("num_attention_heads", 16)
+            merge = kwargs.pop("merge_kernel_size", (2, 2))
+            table = kwargs.pop("init_pos_emb_height", 64), kwargs.pop("init_pos_emb_width", 64)
+            if merge[0] != merge[1] or table[0] != table[1]:
+                raise ValueError(f"MoonViT with a non-square merge kernel {merge} or position table {table} is not supported")
+            spatial_merge_size, num_position_embeddings = merge[0], table[0] * table[1]
+            temporal_patch_size, hidden_act, norm_type, gated_mlp, norm_eps = 1, "gelu_pytorch_tanh", "layernorm", False, 1e-5
+            window_size, fullatt_block_indexes, tokens_per_second = None, None, None
+            patch_embed_bias, vision_rope_layout, final_norm, patch_order = True, "pairs", True, "raster"
         if "embed_dim" in kwargs:  # Qwen2-VL naming: hidden_size is the merger's output there
             out_hidden_size = hidden_size
             hidden_size = kwargs.pop("embed_dim")
@@ -117,6 +133,12 @@ class QwenVLVisionConfig(PretrainedConfig):
         self.vision_rope = vision_rope
         self.projector = projector
         self.num_queries = num_queries
+        # MoonViT: 2-D rotary on (x[2i], x[2i+1]) pairs, a final norm, norms with `norm_eps`, and pixels in raster
+        # order.
+        self.vision_rope_layout = vision_rope_layout
+        self.final_norm = final_norm
+        self.norm_eps = norm_eps
+        self.patch_order = patch_order
         self._validate()
 
     def _validate(self):
@@ -124,7 +146,8 @@ class QwenVLVisionConfig(PretrainedConfig):
             "vision_config", self, "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
             "temporal_patch_size", "spatial_merge_size", "out_hidden_size",
         )
-        check_positive_finite("vision_config", self, "rope_theta")
+        check_positive_finite("vision_config", self, "rope_theta", "norm_eps")
+        self._validate_moonvit_switches()
         if self.norm_type not in ("rmsnorm", "layernorm"):
             raise ValueError(f"vision_config.norm_type must be 'rmsnorm' or 'layernorm', got {self.norm_type!r}")
         if self.hidden_size % self.num_heads:
@@ -181,6 +204,12 @@ class QwenVLVisionConfig(PretrainedConfig):
                     f"{RESAMPLER_HEAD_DIM}: the Resampler has heads of that size"
                 )
 
+    def _validate_moonvit_switches(self):
+        if self.vision_rope_layout not in ("halves", "pairs"):
+            raise ValueError(f"vision_config.vision_rope_layout must be 'halves' or 'pairs', got {self.vision_rope_layout!r}")
+        if self.patch_order not in ("merge", "raster"):
+            raise ValueError(f"vision_config.patch_order must be 'merge' or 'raster', got {self.patch_order!r}")
+
     @property
     def uses_window_attention(self):
         return self.fullatt_block_indexes is not None
@@ -196,6 +225,9 @@ class QwenVLConfig(PretrainedConfig):
     model_type = "qwenvl"
     sub_configs = {"vision_config": QwenVLVisionConfig}
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    # The config of a language model taken from transformers as it is (Kimi-VL: DeepSeek-V3); None for the Qwen2
+    # decoder of this file. A class attribute, so that configs without one do not save it.
+    text_config = None
 
     def __init__(
         self,
@@ -276,6 +308,9 @@ class QwenVLConfig(PretrainedConfig):
         if "visual" in kwargs:
             vision_config = self._read_qwen_vl_2023(kwargs)
         self.mrope_section = list(self.mrope_section)
+        text_config = composed_text_config(kwargs)
+        if text_config is not None:
+            _compose_fields(self, text_config, kwargs)
         for name, value in _official_text_fields(kwargs).items():  # the other shapes fill the fields not given
             if getattr(self, name) == TEXT_DEFAULTS[name]:
                 setattr(self, name, value)
@@ -287,6 +322,8 @@ class QwenVLConfig(PretrainedConfig):
         if isinstance(vision_config, dict):
             vision_config = QwenVLVisionConfig(**vision_config)
         self.vision_config = vision_config if vision_config is not None else QwenVLVisionConfig()
+        if self.text_config is not None:  # the projector writes into the composed decoder's width
+            self.vision_config.out_hidden_size = self.hidden_size
         kwargs.setdefault("bos_token_id", 151643)
         kwargs.setdefault("eos_token_id", 151645)
         kwargs.setdefault("tie_word_embeddings", False)
@@ -296,9 +333,11 @@ class QwenVLConfig(PretrainedConfig):
     @property
     def family(self):
         """Which generation this config describes, read from its switches: "qwen3_vl" (dense or MoE), "qwen2_5_vl",
-        "qwen2_vl" or "qwen_vl" (2023)."""
+        "qwen2_vl", "qwen_vl" (2023) or "kimi_vl"."""
         if self.vision_config.projector == "resampler":
             return "qwen_vl"
+        if self.text_config is not None:
+            return "kimi_vl"
         if self.vision_config.deepstack_visual_indexes is not None:
             return "qwen3_vl"
         return "qwen2_5_vl" if self.vision_config.norm_type == "rmsnorm" else "qwen2_vl"
@@ -365,7 +404,7 @@ class QwenVLConfig(PretrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})"
             )
-        if len(self.mrope_section) != 3 or 2 * sum(self.mrope_section) != self.head_dim:
+        if self.text_config is None and (len(self.mrope_section) != 3 or 2 * sum(self.mrope_section) != self.head_dim):
             raise ValueError(
                 f"mrope_section {self.mrope_section} must have 3 parts (temporal, height, width) summing to half "
                 f"the attention head size ({self.head_dim} // 2 = {self.head_dim // 2})"
@@ -379,9 +418,63 @@ class QwenVLConfig(PretrainedConfig):
         distinct object because engines tell a multimodal config from a text-only one by identity: vLLM's
         Transformers backend serves a model as multimodal only when `config.get_text_config() is not config`.
         """
+        if self.text_config is not None:  # a composed decoder has its own config
+            return self.text_config
         view = object.__new__(type(self))
         view.__dict__ = self.__dict__
         return view
+
+    def to_dict(self):
+        """With a composed decoder, the official shape: its fields live in `text_config` only."""
+        output = super().to_dict()
+        if self.text_config is not None:
+            for name in TEXT_DEFAULTS:
+                output.pop(name, None)
+        return output
+
+
+# ---- Kimi-VL: the official `kimi_vl` shape ----------------------------------------------------------------------
+
+# Language models taken from transformers as they are (`AutoModel.from_config(text_config)`), by model_type.
+COMPOSED_DECODERS = ("deepseek_v3",)
+# Fields of a composed decoder's config that this file's code reads, mirrored onto QwenVLConfig (never saved there).
+MIRRORED_TEXT_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
+)
+# Kimi-VL's token ids: `media_placeholder_token_id` is in its config.json; the token before each placeholder run,
+# `<|media_content|>`, is not (163603 is UNCONFIRMED, from third-party tables), so it is a config field here.
+KIMI_TOKEN_DEFAULTS = {"media_placeholder_token_id": 163605, "media_content_token_id": 163603}
+
+
+def composed_text_config(kwargs):
+    """Pop a `text_config` of a decoder taken from transformers (COMPOSED_DECODERS) out of `kwargs`, as that config
+    class; None (and `kwargs` untouched) for any other."""
+    text_config = kwargs.get("text_config")
+    if isinstance(text_config, dict):
+        model_type = text_config.get("model_type")
+    else:
+        model_type = getattr(text_config, "model_type", None)
+    if model_type not in COMPOSED_DECODERS:
+        return None
+    kwargs.pop("text_config")
+    return AutoConfig.for_model(**text_config) if isinstance(text_config, dict) else text_config
+
+
+def _compose_fields(config, text_config, kwargs):
+    """Kimi-VL: keep the decoder's config as it is, mirror the fields this file reads, and take the media ids."""
+    config.text_config = text_config
+    for name in MIRRORED_TEXT_FIELDS:
+        setattr(config, name, getattr(text_config, name))
+    for name, default in KIMI_TOKEN_DEFAULTS.items():
+        setattr(config, name, kwargs.pop(name, default))
+    config.image_token_id = config.media_placeholder_token_id
+    config.vision_start_token_id = config.media_content_token_id  # the token right before each placeholder run
+    config.video_token_id = None  # images only, as the official processor
+    config.sequential_positions = True  # 1-D positions, images taking ordinary ones
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if getattr(text_config, name, None) is not None:
+            kwargs.setdefault(name, getattr(text_config, name))
 
 
 def _official_text_fields(kwargs):

@@ -32,6 +32,7 @@ DST) would change the source checkpoint too. Save fine-tuned models to a new dir
 """
 
 import argparse
+import base64
 import errno
 import json
 import os
@@ -43,13 +44,14 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from configuration_qwenvl import AUTO_MAP, QwenVLConfig
 from image_processing_qwenvl import QwenVLImageProcessor
 from modeling_qwenvl import (
-    HUB_KEY_MAPPING, QwenVLForConditionalGeneration, check_layer_counts, is_qwen_vl_2023_directory,
+    HUB_KEY_MAPPING, QwenVLForConditionalGeneration, check_layer_counts, is_qwen_vl_2023_directory, kimi_state_dict,
     qwen_vl_2023_generation_config, qwen_vl_2023_state_dict, read_checkpoint_tensors,
 )
 from processing_qwenvl import PROCESSOR_AUTO_MAP
@@ -57,7 +59,7 @@ from safetensors.torch import save_file
 from tools.build_qwen_vl_tokenizer import build as build_qwen_vl_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-OFFICIAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+OFFICIAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "kimi_vl")
 CODE_FILES = ("configuration_qwenvl.py", "modeling_qwenvl.py", "processing_qwenvl.py", "image_processing_qwenvl.py")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
@@ -190,6 +192,9 @@ def check_weights(config, shapes, src):
         model = QwenVLForConditionalGeneration(config)
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     found = {canonical_name(name): shape for name, shape in shapes.items()}
+    if config.family == "kimi_vl":  # compared under the official names, experts one by one
+        expected = {name: tuple(tensor.shape) for name, tensor in kimi_state_dict(model.state_dict()).items()}
+        found = dict(shapes)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = sorted(set(expected) - set(found) - optional)
     unexpected = sorted(set(found) - set(expected))
@@ -308,6 +313,8 @@ def plan_conversion(src):
         read_json_object(generation_path)  # copied as it is, but refused now if it is not a config
     else:
         generation_path = None
+    if config.family == "kimi_vl":
+        return Plan(config, shards, index, kimi_preprocessor_config(src), src, (None, None), generation_path)
     return Plan(
         config, shards, index, preprocessor_config(src), tokenizer_directory(src), chat_template_file(src),
         generation_path,
@@ -362,7 +369,10 @@ def write_directory(src, dst, plan, copy):
     written["config.json"] = f"written (model_type qwenvl, family {plan.config.family}, auto_map)"
     for name in CODE_FILES:
         copy_file(ROOT, name)
-    for name in TOKENIZER_FILES:
+    if plan.config.family == "kimi_vl":
+        kimi_tokenizer(src).save_pretrained(dst)
+        written["tokenizer.json"] = "converted from the source's tiktoken.model (with its chat template)"
+    for name in TOKENIZER_FILES if plan.config.family != "kimi_vl" else ():
         if name == "tokenizer_config.json" and os.path.isfile(os.path.join(plan.tokenizer_dir, name)):
             write_json(os.path.join(dst, name), left_padding(os.path.join(plan.tokenizer_dir, name)))
             written[name] = f"from {origin(plan.tokenizer_dir)}, padding_side left"
@@ -441,6 +451,131 @@ def write_qwen_vl_2023(src, dst, plan):
     save_file(plan.state_dict, os.path.join(dst, SINGLE_WEIGHTS), metadata={"format": "pt"})
     written[SINGLE_WEIGHTS] = "converted (fused q/k/v split, keys renamed)"
     return written
+
+
+# ---- Kimi-VL: tokenizer and image processor settings ------------------------------------------------------------
+
+# The split pattern of Kimi-VL's tokenizer (`pat_str` of its tokenization_moonshot.py): Han runs first, letters
+# without Han, numbers in threes, then the usual punctuation and whitespace rules.
+KIMI_PATTERN = "|".join(
+    [
+        r"[\p{Han}]+",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
+# Special tokens follow the vocabulary: 256 slots, the unnamed ones "<|reserved_token_{id}|>".
+KIMI_SPECIAL_SLOTS = 256
+# The chat template, for a checkpoint that ships none (third-party copies agree; the Hub's exact bytes are unverified).
+KIMI_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and messages[0]['role'] != 'system' -%}"
+    "{{'<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>'}}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{'<|im_system|>'}}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{'<|im_user|>'}}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{'<|im_assistant|>'}}{%- endif -%}"
+    "{{- message['role'] -}}{{'<|im_middle|>'}}"
+    "{%- if message['content'] is string -%}{{- message['content'] + '<|im_end|>' -}}"
+    "{%- else -%}{%- for content in message['content'] -%}"
+    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content -%}"
+    "{{'<|media_start|>image<|media_content|><|media_pad|><|media_end|>'}}"
+    "{%- else -%}{{content['text']}}{%- endif -%}"
+    "{%- endfor -%}{{'<|im_end|>'}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<|im_assistant|>assistant<|im_middle|>'}}{%- endif -%}"
+)
+
+
+def byte_characters():
+    """GPT-2's printable stand-in for each byte, the alphabet of byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+def read_tiktoken_ranks(path):
+    """A tiktoken vocabulary file: one "base64-token rank" per line. -> {token bytes: rank}"""
+    ranks = {}
+    with open(path, "rb") as file:
+        for line in file:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def tiktoken_as_tokenizer(ranks, pattern, special_tokens):
+    """A tiktoken vocabulary as a `tokenizers` byte-level BPE that gives the same ids: each merge ranked by the token it
+    makes (tiktoken merges the pair whose result has the lowest rank), a piece found whole in the vocabulary taken
+    as it is (`ignore_merges`, as tiktoken does), and `special_tokens` (names in id order) after the vocabulary."""
+    chars = byte_characters()
+
+    def text(token):
+        return "".join(chars[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    tokenizer = Tokenizer(
+        models.BPE(vocab, [(text(a), text(b)) for a, b in merges], fuse_unk=False, ignore_merges=True)
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in special_tokens])
+    return tokenizer
+
+
+def kimi_tokenizer(src):
+    """Kimi-VL's tokenizer (a tiktoken.model and the tokenizer_config.json naming its special tokens) as a fast
+    tokenizer that needs no tokenizer code, with the source's chat template (else KIMI_CHAT_TEMPLATE)."""
+    vocabulary = os.path.join(src, "tiktoken.model")
+    if not os.path.isfile(vocabulary):
+        raise ValueError(f"{src} has no tiktoken.model: Kimi-VL's tokenizer vocabulary comes with its checkpoint")
+    ranks = read_tiktoken_ranks(vocabulary)
+    config_path = os.path.join(src, "tokenizer_config.json")
+    config = read_json_object(config_path) if os.path.isfile(config_path) else {}
+    named = {int(i): token["content"] for i, token in config.get("added_tokens_decoder", {}).items()}
+    specials = [named.get(i, f"<|reserved_token_{i}|>") for i in range(len(ranks), len(ranks) + KIMI_SPECIAL_SLOTS)]
+    template = config.get("chat_template")
+    if os.path.isfile(os.path.join(src, "chat_template.jinja")):
+        with open(os.path.join(src, "chat_template.jinja"), encoding="utf-8") as file:
+            template = file.read()
+    roles = {name: config.get(name) for name in ("bos_token", "eos_token", "unk_token", "pad_token") if config.get(name)}
+    roles = {name: token["content"] if isinstance(token, dict) else token for name, token in roles.items()}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tiktoken_as_tokenizer(ranks, KIMI_PATTERN, specials),
+        chat_template=template or KIMI_CHAT_TEMPLATE,
+        padding_side="left",
+        **roles,
+    )
+
+
+def kimi_preprocessor_config(src):
+    """Our image processor in Kimi-VL mode (in_token_limit), with the source's limit, mean and std."""
+    path = os.path.join(src, "preprocessor_config.json")
+    official = read_json_object(path) if os.path.isfile(path) else {}
+    merge = official.get("merge_kernel_size", [2, 2])
+    processor = QwenVLImageProcessor(
+        in_token_limit=official.get("in_token_limit", 4096), patch_size=official.get("patch_size", 14),
+        merge_size=merge[0], temporal_patch_size=1, image_mean=official.get("image_mean", [0.5] * 3),
+        image_std=official.get("image_std", [0.5] * 3),
+    )
+    config = {key: value for key, value in processor.to_dict().items() if not key.startswith("_")}
+    config.update(
+        auto_map=dict(PROCESSOR_AUTO_MAP), image_processor_type="QwenVLImageProcessor", processor_class="QwenVLProcessor"
+    )
+    return config
 
 
 def main(argv=None):

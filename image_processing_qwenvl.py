@@ -36,6 +36,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import io
 import math
 import numbers
@@ -1176,6 +1177,7 @@ class QwenVLImageProcessorKwargs(ImagesKwargs, total=False):
 
     min_pixels: int
     max_pixels: int
+    in_token_limit: int
     patch_size: int
     temporal_patch_size: int
     merge_size: int
@@ -1317,6 +1319,7 @@ class QwenVLImageProcessor(BaseImageProcessor):
         allow_larger_items: bool = False,
         image_size: Optional[int] = None,
         drop_alpha: bool = False,
+        in_token_limit: Optional[int] = None,
         **kwargs,
     ):
         unknown = set(kwargs) - _IGNORED_CONFIG_KEYS
@@ -1359,6 +1362,8 @@ class QwenVLImageProcessor(BaseImageProcessor):
             raise TypeError(f"drop_alpha must be True or False, got {_short(drop_alpha)}")
         self.image_size = image_size
         self.drop_alpha = drop_alpha
+        # Kimi-VL (MoonViT): images only, sized by its own rule (`moonvit_size`), rows in raster order.
+        self.in_token_limit = None if in_token_limit is None else _check_positive_int(in_token_limit, "in_token_limit")
 
     @property
     def size(self) -> dict:
@@ -1427,6 +1432,8 @@ class QwenVLImageProcessor(BaseImageProcessor):
             options["image_std"],
         )
         data = {}
+        if self.in_token_limit is not None:
+            return BatchFeature(data=self._moonvit_encode(images, videos, options, table), tensor_type=return_tensors)
         if images is not None:
             images = image_list(images)
             if not images:
@@ -1450,6 +1457,12 @@ class QwenVLImageProcessor(BaseImageProcessor):
         images_kwargs = images_kwargs or {}
         overrides = {name: images_kwargs[name] for name in ("patch_size", "merge_size") if name in images_kwargs}
         options = self._call_options(images_kwargs.get("min_pixels"), images_kwargs.get("max_pixels"), overrides)
+        if self.in_token_limit is not None:  # Kimi-VL: its own sizing, then padding to whole merge blocks
+            factor = options["patch_size"] * options["merge_size"]
+            new_height, new_width = moonvit_size(height, width, options["patch_size"], factor, self.in_token_limit)
+            return (-(-new_height // factor) * factor // options["patch_size"]) * (
+                -(-new_width // factor) * factor // options["patch_size"]
+            )
         new_height, new_width = self._image_size_for(options, None)(height, width)
         return (new_height // options["patch_size"]) * (new_width // options["patch_size"])
 
@@ -1534,6 +1547,24 @@ class QwenVLImageProcessor(BaseImageProcessor):
             size_for = _whole_grid_size(options["patch_size"] * options["merge_size"])
         return _load_clip(frames, size_for, length, options["resample"])
 
+    def _moonvit_encode(self, images, videos, options: dict, table: np.ndarray) -> dict:
+        """Kimi-VL's outputs: `pixel_values` float32 [N, 3, p, p] in raster order and `image_grid_hws` [n, 2]."""
+        if videos is not None:
+            raise ValueError("Kimi-VL's processor takes images only (in_token_limit is set), no videos")
+        images = image_list(images) if images is not None else []
+        if not images:
+            raise ValueError("pass at least one image")
+        p, factor = options["patch_size"], options["patch_size"] * options["merge_size"]
+        size_for = functools.partial(moonvit_size, patch_size=p, factor=factor, in_token_limit=self.in_token_limit)
+        padded = [_pad_to_multiple(np.asarray(_load_picture(image, size_for, options["resample"])), factor) for image in images]
+        grids = np.array([(image.shape[0] // p, image.shape[1] // p) for image in padded], dtype=np.int64)
+        out = np.empty((int(grids.prod(axis=1).sum()), 3, p, p), dtype=np.float32)
+        start = 0
+        for image, (grid_h, grid_w) in zip(padded, grids):
+            _patchify_raster(image, table, p, out[start : start + grid_h * grid_w])
+            start += grid_h * grid_w
+        return {"pixel_values": out, "image_grid_hws": grids}
+
     def _encode(self, pixels: list, options: dict, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [T, H, W, 3] per image or video -> (rows [N, D], grids [n, 3] int64)."""
         p, tp = options["patch_size"], options["temporal_patch_size"]
@@ -1546,6 +1577,47 @@ class QwenVLImageProcessor(BaseImageProcessor):
             _patchify(clip, table, p, options["merge_size"], tp, out[start:stop])
             start = stop
         return out, grids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Kimi-VL (MoonViT) sizing and raster patches
+# ---------------------------------------------------------------------------------------------------------------
+
+# MoonViT's 2-D rotary covers at most 512 patches a side in the original, which raises "Exceed pos emb" beyond; the
+# largest even count below that.
+MOONVIT_MAX_SIDE_PATCHES = 510
+
+
+def moonvit_size(height: int, width: int, patch_size: int, factor: int, in_token_limit: int) -> tuple[int, int]:
+    """Kimi-VL's size of a picture before padding: above `in_token_limit` patches (counted on the unpadded picture,
+    as the original does) both sides are scaled by sqrt(limit / patches) and truncated. Where the original would
+    then fail with "Exceed pos emb" (a thin picture whose long side, padded, reaches 512 patches), the picture is
+    scaled down further, so its padded long side is MOONVIT_MAX_SIDE_PATCHES patches at most."""
+    patches = (width // patch_size) * (height // patch_size)
+    if patches > in_token_limit:
+        scale = math.sqrt(in_token_limit / patches)
+        width, height = int(width * scale), int(height * scale)
+    longest = MOONVIT_MAX_SIDE_PATCHES * patch_size
+    if -(-max(height, width) // factor) * factor > longest:
+        scale = longest / max(height, width)
+        width, height = max(1, int(width * scale)), max(1, int(height * scale))
+    return height, width
+
+
+def _pad_to_multiple(image: np.ndarray, factor: int) -> np.ndarray:
+    """uint8 [H, W, 3] padded with black on the right and at the bottom to multiples of `factor`."""
+    height, width = image.shape[:2]
+    return np.pad(image, ((0, -height % factor), (0, -width % factor), (0, 0)))
+
+
+def _patchify_raster(image: np.ndarray, table: np.ndarray, patch_size: int, out: np.ndarray) -> None:
+    """Write the patches of uint8 [H, W, 3] into float32 `out` [h*w, 3, p, p], in raster order (h, w)."""
+    p = patch_size
+    grid_h, grid_w = image.shape[0] // p, image.shape[1] // p
+    blocks = image.reshape(grid_h, p, grid_w, p, 3).transpose(4, 0, 2, 1, 3)  # (C, h, w, py, px)
+    blocks = np.ascontiguousarray(blocks).reshape(3, grid_h * grid_w, p, p)
+    for channel in range(3):
+        np.take(table[channel], blocks[channel], out=out[:, channel], mode="clip")
 
 
 def _whole_grid_size(factor: int) -> Callable[[int, int], tuple[int, int]]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -80,6 +80,9 @@ try:
     ]
 except ImportError:
     EXPERT_CONVERTERS = []
+# 6. 5.x fuses the experts of its DeepSeek-V3 decoder into `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj`
+#    [E, H, I] (and converts official per-expert weights on load); 4.x keeps them one by one. Told apart by the
+#    parameter names in `kimi_state_dict`.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -145,11 +148,11 @@ class QwenVLPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         std = getattr(self.config, "initializer_range", 0.02)
-        if isinstance(module, (nn.Linear, nn.Conv3d)):
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, (nn.Embedding, PositionTable)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (RMSNorm, nn.LayerNorm)):
             nn.init.ones_(module.weight)
@@ -189,22 +192,30 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-def make_norm(norm_type, dim):
-    return RMSNorm(dim, eps=1e-6) if norm_type == "rmsnorm" else LayerNorm(dim, eps=1e-6)
+def make_norm(norm_type, dim, eps=1e-6):
+    return RMSNorm(dim, eps=eps) if norm_type == "rmsnorm" else LayerNorm(dim, eps=eps)
 
 
 class PatchEmbed(nn.Module):
     """One linear map per row of `pixel_values` (a Conv3d with kernel = stride, kept as Conv3d
-    so checkpoints load; computed as a matmul, which is the same maths and faster)."""
+    so checkpoints load; computed as a matmul, which is the same maths and faster). A tower for still images only
+    (temporal_patch_size 1, MoonViT) has a Conv2d, as its checkpoints do."""
 
     def __init__(self, config):
         super().__init__()
         self.temporal_patch_size = config.temporal_patch_size
-        kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
-        self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel, stride=kernel, bias=config.patch_embed_bias)
+        bias = config.patch_embed_bias
+        if config.temporal_patch_size == 1:
+            kernel = (config.patch_size, config.patch_size)
+            self.proj = nn.Conv2d(config.in_channels, config.hidden_size, kernel, stride=kernel, bias=bias)
+        else:
+            kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
+            self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel, stride=kernel, bias=bias)
 
     def forward(self, pixel_values):  # [N, C*T*P*P] -> [N, hidden]
-        weight = self.proj.weight  # [hidden, C, T, P, P]
+        weight = self.proj.weight  # [hidden, C, T, P, P], or [hidden, C, P, P] without a time axis
+        if self.proj.bias is not None or self.temporal_patch_size == 1:  # nothing to fold
+            return F.linear(pixel_values.to(weight.dtype), weight.flatten(1), self.proj.bias)
         frames = pixel_values.view(pixel_values.shape[0], weight.shape[1], self.temporal_patch_size, -1)
         if torch.equal(frames[:, :, :1].expand_as(frames), frames):
             # a still image is its frame repeated: sum the kernel over time and read one frame (the bias once)
@@ -213,6 +224,16 @@ class PatchEmbed(nn.Module):
         else:
             out = pixel_values.to(weight.dtype) @ weight.flatten(1).t()
         return out if self.proj.bias is None else out + self.proj.bias
+
+
+class PositionTable(nn.Module):
+    """MoonViT's learned position table, held [side, side, hidden] as its checkpoints hold it (the others' tables are
+    an nn.Embedding [side*side, hidden]); resized like them by `resized_position_table`."""
+
+    def __init__(self, config):
+        super().__init__()
+        side = math.isqrt(config.num_position_embeddings)
+        self.weight = nn.Parameter(torch.empty(side, side, config.hidden_size))
 
 
 # ======================================================================================================================
@@ -242,16 +263,19 @@ def vision_rotary_tables(config, grid_thw, device):
     inv_freq = 1.0 / (config.rope_theta**quarter)
     hw = patch_hw_positions(grid_thw, config.spatial_merge_size).to(device)
     table = torch.arange(int(grid_thw[:, 1:].max()), device=device, dtype=torch.float)[:, None] * inv_freq.to(device)
-    angles = table[hw].flatten(1)  # [N, D/2]: h frequencies then w frequencies
+    angles = table[hw]  # [N, 2, D/4]: each frequency's angle by row (h) and by column (w)
+    if config.vision_rope_layout == "pairs":  # MoonViT: pair 2j turns with the column, pair 2j + 1 with the row
+        angles = angles.flip(1).transpose(1, 2)
+    angles = angles.flatten(1)  # [N, D/2]: "halves": h frequencies then w frequencies
     return angles.cos(), angles.sin()
 
 
 def resize_table(table, height, width, interpolation="bicubic"):
-    """A square position table [S*S, C] resized to a height x width grid, in float32. -> [height, width, C]
+    """A square position table ([S*S, C] or [S, S, C]) resized to a height x width grid, in float32. -> [h, w, C]
 
     "bicubic" is F.interpolate's (Qwen-VL 2023, Kimi-VL); "bilinear_align_corners" puts patch row r at table row
     r * (S - 1) / (height - 1), as Qwen3-VL does."""
-    side = math.isqrt(table.shape[0])
+    side = math.isqrt(table[..., 0].numel())
     grid = table.float().view(side, side, -1)
     if (side, side) == (height, width):
         return grid
@@ -301,6 +325,16 @@ def frame_seqlens(grid_thw):
     """Boundaries of every frame of every image or video, in patches (full attention segments)."""
     per_frame = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
     return F.pad(per_frame.cumsum(0), (1, 0))
+
+
+def raster_to_merge_index(grid_thw, merge_size):
+    """For each row in merge order (t, h/m, w/m, m, m), the row of the same patch in raster order (t, h, w). -> [N]"""
+    index, offset = [], 0
+    for t, h, w in grid_thw.tolist():
+        raster = torch.arange(t * h * w).view(t, h // merge_size, merge_size, w // merge_size, merge_size)
+        index.append(raster.permute(0, 1, 3, 2, 4).flatten() + offset)
+        offset += t * h * w
+    return torch.cat(index)
 
 
 def to_window_order(x, window_index):
@@ -464,12 +498,15 @@ class GridPlan:
     windows: list | None = None  # [Slice] window attention (Qwen2.5-VL)
     window_index: torch.Tensor | None = None  # [M] merged-token order of the blocks
     inverse_index: torch.Tensor | None = None  # [M] back to raster order
+    merge_index: torch.Tensor | None = None  # [N] raster-ordered pixel rows into merge order (MoonViT)
 
 
 def plan_grids(config, grid_thw, device):
     cos, sin = vision_rotary_tables(config, grid_thw, device) if config.vision_rope else (None, None)
     max_rows = rows_per_slice(3 * config.hidden_size, torch.device(device))
     plan = GridPlan(cos, sin, segment_slices(frame_seqlens(grid_thw), max_rows, device))
+    if config.patch_order == "raster":
+        plan.merge_index = raster_to_merge_index(grid_thw, config.spatial_merge_size).to(device)
     if config.uses_window_attention:
         window_index, cu_window_seqlens = get_window_index(
             grid_thw, config.window_size, config.spatial_merge_size, config.patch_size
@@ -515,6 +552,14 @@ def apply_vision_rotary(qk, cos, sin):
     return rotated.to(qk.dtype)
 
 
+def apply_vision_rotary_pairs(qk, cos, sin):
+    """The same rotation on (x[2i], x[2i+1]) pairs, MoonViT's layout ([N, 2, H, D]; cos, sin [N, D/2]), in float32."""
+    x1, x2 = qk.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None, None], sin[:, None, None]  # [N, 1, 1, D/2]
+    rotated = torch.stack([torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin)], dim=-1)
+    return rotated.flatten(-2).to(qk.dtype)
+
+
 class VisionAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -543,7 +588,8 @@ class VisionAttention(nn.Module):
 
     def rotated_qkv(self, x, cos, sin):  # -> q, k, v: [N, H, D]
         qkv = self.qkv(x.to(self.qkv.weight.dtype)).view(x.shape[0], 3, self.num_heads, -1)
-        q, k = apply_vision_rotary(qkv[:, :2], cos, sin).unbind(1)
+        rotate = apply_vision_rotary_pairs if self.config.vision_rope_layout == "pairs" else apply_vision_rotary
+        q, k = rotate(qkv[:, :2], cos, sin).unbind(1)
         return q, k, qkv[:, 2]
 
 
@@ -579,8 +625,8 @@ class VisionMLP(nn.Module):
 class VisionBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.norm1 = make_norm(config.norm_type, config.hidden_size)
-        self.norm2 = make_norm(config.norm_type, config.hidden_size)
+        self.norm1 = make_norm(config.norm_type, config.hidden_size, config.norm_eps)
+        self.norm2 = make_norm(config.norm_type, config.hidden_size, config.norm_eps)
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
@@ -598,7 +644,7 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.group_dim = config.hidden_size * config.spatial_merge_size**2
         self.post_shuffle_norm = post_shuffle_norm
-        self.ln_q = make_norm(config.norm_type, self.group_dim if post_shuffle_norm else config.hidden_size)
+        self.ln_q = make_norm(config.norm_type, self.group_dim if post_shuffle_norm else config.hidden_size, config.norm_eps)
         self.mlp = nn.Sequential(
             nn.Linear(self.group_dim, self.group_dim), nn.GELU(), nn.Linear(self.group_dim, config.out_hidden_size)
         )
@@ -665,11 +711,14 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.patch_embed = PatchEmbed(config)
-        if config.num_position_embeddings is not None:
-            self.pos_embed = nn.Embedding(config.num_position_embeddings, config.hidden_size)
+        if config.num_position_embeddings is not None:  # as the checkpoints hold it: [S*S, C], MoonViT [S, S, C]
+            self.pos_embed = PositionTable(config) if config.patch_order == "raster" else nn.Embedding(
+                config.num_position_embeddings, config.hidden_size
+            )
         if config.pre_norm:
             self.ln_pre = make_norm(config.norm_type, config.hidden_size)
         self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
+        self.final_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps) if config.final_norm else None
         self.merger = Resampler(config) if config.projector == "resampler" else PatchMerger(config)
         if config.deepstack_visual_indexes is not None:
             self.deepstack_merger_list = nn.ModuleList(
@@ -690,6 +739,8 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
         plan = self.grid_plan(grid_thw, pixel_values.device)
         x = self.patch_embed(pixel_values)
         x = x.to(residual_dtype(x.dtype))
+        if plan.merge_index is not None:  # MoonViT's pixels come in raster order
+            x = x[plan.merge_index]
         if self.config.num_position_embeddings is not None:
             x = x + resized_position_table(self.config, self.pos_embed.weight, grid_thw).to(x.dtype)
         if self.config.pre_norm:
@@ -707,6 +758,8 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
             if self.config.deepstack_visual_indexes is not None and i in self.config.deepstack_visual_indexes:
                 level = self.config.deepstack_visual_indexes.index(i)
                 deepstack.append(self.deepstack_merger_list[level](x))
+        if self.final_norm is not None:
+            x = self.final_norm(x)
         if self.config.projector == "resampler":
             return self.merger(x, grid_thw)
         merged = torch.cat([self.merger(x), *deepstack], dim=-1) if deepstack else self.merger(x)
@@ -829,7 +882,7 @@ def get_rope_index(
 
 
 def sequential_positions(input_ids, attention_mask):
-    """1-D positions (Qwen-VL 2023): every token one step further, image tokens included, padding skipped; as
+    """1-D positions (Qwen-VL 2023, Kimi-VL): every token one step further, image tokens included, padding skipped; as
     (i, i, i). -> ([3, B, L], rope_deltas [B, 1] of zeros)"""
     check_attention_mask(attention_mask, input_ids.shape)
     zeros = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
@@ -1332,7 +1385,12 @@ class QwenVLModel(QwenVLPreTrainedModel):
         super().__init__(config)
         refuse_engine_without_deepstack(config)
         self.visual = QwenVLVisionModel(config.vision_config)
-        self.language_model = QwenVLTextModel(config)
+        if config.text_config is not None:  # Kimi-VL: transformers' own DeepSeek-V3, as LLaVA-style models hold theirs
+            self.language_model = AutoModel.from_config(
+                config.text_config, attn_implementation=config._attn_implementation
+            )
+        else:
+            self.language_model = QwenVLTextModel(config)
         self.post_init()
 
     @classmethod
@@ -1374,11 +1432,13 @@ class QwenVLModel(QwenVLPreTrainedModel):
         self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
         inputs_embeds=None, use_cache=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None,
         video_grid_thw=None, second_per_grid_ts=None, mm_token_type_ids=None, rope_deltas=None,
-        sparse_embedding_grad=False, **kwargs,
+        sparse_embedding_grad=False, image_grid_hws=None, **kwargs,
     ):
         """`sparse_embedding_grad=True` gives the embedding table a sparse gradient (only the rows looked up); for
         the tied head's loss path of QwenVLForConditionalGeneration, which adds it to the head's dense one."""
         cache = cache if cache is not None else past_key_values
+        if image_grid_hws is not None:
+            pixel_values, image_grid_thw = still_image_inputs(pixel_values, image_grid_hws)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         use_cache = use_cache if use_cache is not None else self.config.use_cache
@@ -1410,8 +1470,14 @@ class QwenVLModel(QwenVLPreTrainedModel):
             )
         else:
             position_ids = check_position_ids(position_ids, inputs_embeds.shape[:2])
-        deepstack = deepstack_of(self.config, input_ids, deepstack)
-        hidden = self.language_model(inputs_embeds, position_ids, attention_mask, cache, deepstack=deepstack, **kwargs)
+        if self.config.text_config is not None:  # transformers' own decoder: 1-D positions, its own masks
+            hidden = self.language_model(
+                inputs_embeds=inputs_embeds, position_ids=position_ids[0], attention_mask=attention_mask,
+                use_cache=use_cache, **{CACHE_NAME: cache}, **kwargs,
+            ).last_hidden_state
+        else:
+            deepstack = deepstack_of(self.config, input_ids, deepstack)
+            hidden = self.language_model(inputs_embeds, position_ids, attention_mask, cache, deepstack=deepstack, **kwargs)
         return QwenVLModelOutput(last_hidden_state=hidden, rope_deltas=rope_deltas, **{CACHE_NAME: cache})
 
     def scatter_vision(self, input_ids, inputs_embeds, pixel_values, grid_thw, kind):
@@ -1480,11 +1546,22 @@ def deepstack_of(config, input_ids, features):
     for kind, modality in features.items():
         levels[:, input_ids[positions] == token_ids[kind]] = modality
     return DeepStack(positions, levels)
+
+
 def vision_tokens_per_item(vision_config, grid_thw):
     """How many tokens each image or video becomes: a 2x2 merge, or the Resampler's queries per frame. -> [int]"""
     if vision_config.projector == "resampler":
         return (grid_thw[:, 0] * vision_config.num_queries).tolist()
     return (grid_thw.prod(-1) // vision_config.spatial_merge_size**2).tolist()
+
+
+def still_image_inputs(pixel_values, image_grid_hws):
+    """Kimi-VL's processor outputs, pixel rows [N, 3, P, P] and grids [images, 2] (h, w), as rows [N, 3*P*P] and
+    grid_thw [images, 3]."""
+    if not isinstance(image_grid_hws, torch.Tensor) or image_grid_hws.dim() != 2 or image_grid_hws.shape[1] != 2:
+        raise ValueError(f"image_grid_hws must be a tensor of shape [images, 2], got {getattr(image_grid_hws, 'shape', image_grid_hws)}")
+    grid_thw = torch.cat([torch.ones_like(image_grid_hws[:, :1]), image_grid_hws], dim=1)
+    return (pixel_values.flatten(1) if pixel_values is not None else None), grid_thw
 
 
 def vision_output(features, return_dict):
@@ -1523,15 +1600,19 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = QwenVLModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.text_config is not None:
+            # Kimi-VL's checkpoint names have no common prefix (`vision_tower.`, `language_model.`, ...): with one
+            # declared, 4.x would take them for a base model's and prefix them all, the head's too.
+            self.base_model_prefix = ""
         self.post_init()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """Also loads the official hub layout (`model.layers.*`, `visual.*`), renamed on the fly, and an original
-        Qwen-VL (2023) directory as it ships (`transformer.*`, converted on the fly)."""
+        """Also loads the official hub layouts (Qwen2/2.5-VL `model.layers.*` + `visual.*`, Qwen3-VL, Kimi-VL), renamed
+        on the fly, and an original Qwen-VL (2023) directory as it ships (`transformer.*`, converted on the fly)."""
         if is_qwen_vl_2023_directory(args[0] if args else kwargs.get("pretrained_model_name_or_path")):
             return load_qwen_vl_2023(cls, *args, **kwargs)
-        kwargs.setdefault("key_mapping", {**HUB_KEY_MAPPING, **QWEN3_KEY_MAPPING})
+        kwargs.setdefault("key_mapping", {**HUB_KEY_MAPPING, **QWEN3_KEY_MAPPING, **KIMI_KEY_MAPPING})
         return super().from_pretrained(*args, **kwargs)
 
     def save_pretrained(self, *args, **kwargs):
@@ -1541,6 +1622,8 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         token. The live model's settings are left as they were."""
         if SAVES_ORIGINAL_FORMAT:
             kwargs.setdefault("save_original_format", False)
+        if self.config.text_config is not None:  # Kimi-VL keeps its official layout
+            kwargs.setdefault("state_dict", kimi_state_dict(self.state_dict()))
         self.config.auto_map = dict(AUTO_MAP)
         if self.config.family == "qwen3_vl" and kwargs.get("state_dict") is None:
             kwargs["state_dict"] = qwen3_hub_state_dict(self.state_dict())
@@ -1570,7 +1653,8 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
         inputs_embeds=None, labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None,
         image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None, mm_token_type_ids=None,
-        rope_deltas=None, logits_to_keep=0, num_items_in_batch=None, labelled_logits_only=False, **kwargs,
+        rope_deltas=None, logits_to_keep=0, num_items_in_batch=None, labelled_logits_only=False, image_grid_hws=None,
+        **kwargs,
     ):
         """With `labels`, returns the next-token loss. `labelled_logits_only=True` sends only the
         positions that have a label through the vocabulary head (the same loss, much less work
@@ -1586,7 +1670,7 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
             mm_token_type_ids=mm_token_type_ids, rope_deltas=rope_deltas, sparse_embedding_grad=sparse_embedding_grad,
-            **kwargs,
+            image_grid_hws=image_grid_hws, **kwargs,
         )
         hidden, loss = outputs.last_hidden_state, None
         if labels is not None:
@@ -1633,6 +1717,10 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and num_return_sequences repeat each sample; pixel rows belong to samples
         by their placeholders, not by row, so they are repeated per sample here."""
+        if model_kwargs.get("image_grid_hws") is not None:
+            model_kwargs["pixel_values"], model_kwargs["image_grid_thw"] = still_image_inputs(
+                model_kwargs.get("pixel_values"), model_kwargs.pop("image_grid_hws")
+            )
         vision = {name: model_kwargs.pop(name) for name in VISION_INPUTS if model_kwargs.get(name) is not None}
         if expand_size > 1 and vision:
             vision = expand_vision_inputs(self.config, input_ids, vision, expand_size)
@@ -1746,6 +1834,57 @@ def qwen3_hub_state_dict(state_dict):
     return renamed
 
 
+# Kimi-VL's official layout against ours, "{}" standing for a block number. Loaded through the same key_mapping (the
+# prefixes of the two families never meet, so the renamings can apply in any order) and written back by
+# save_pretrained (`kimi_state_dict`), so that a Kimi-VL checkpoint keeps its layout.
+KIMI_NAMES = (
+    ("vision_tower.patch_embed.pos_emb.", "model.visual.pos_embed."),
+    ("vision_tower.patch_embed.proj.", "model.visual.patch_embed.proj."),
+    ("vision_tower.encoder.blocks.{}.norm0.", "model.visual.blocks.{}.norm1."),
+    ("vision_tower.encoder.blocks.{}.norm1.", "model.visual.blocks.{}.norm2."),
+    ("vision_tower.encoder.blocks.{}.wqkv.", "model.visual.blocks.{}.attn.qkv."),
+    ("vision_tower.encoder.blocks.{}.wo.", "model.visual.blocks.{}.attn.proj."),
+    ("vision_tower.encoder.blocks.{}.mlp.fc0.", "model.visual.blocks.{}.mlp.fc1."),
+    ("vision_tower.encoder.blocks.{}.mlp.fc1.", "model.visual.blocks.{}.mlp.fc2."),
+    ("vision_tower.encoder.final_layernorm.", "model.visual.final_norm."),
+    ("multi_modal_projector.pre_norm.", "model.visual.merger.ln_q."),
+    ("multi_modal_projector.linear_1.", "model.visual.merger.mlp.0."),
+    ("multi_modal_projector.linear_2.", "model.visual.merger.mlp.2."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+
+
+def name_pattern(prefix):
+    return "^" + re.escape(prefix).replace(re.escape("{}"), r"(\d+)")
+
+
+KIMI_KEY_MAPPING = {name_pattern(official): ours.replace("{}", r"\1") for official, ours in KIMI_NAMES}
+KIMI_SAVE_MAPPING = {re.compile(name_pattern(ours)): official.replace("{}", r"\1") for official, ours in KIMI_NAMES}
+
+
+def kimi_state_dict(state_dict):
+    """Our weights under Kimi-VL's official names, the experts one by one as the official files hold them (compat
+    item 6). Copies, not views: safetensors refuses tensors that share memory."""
+    official = {}
+    for name, tensor in state_dict.items():
+        for pattern, target in KIMI_SAVE_MAPPING.items():
+            name, renamed = pattern.subn(target, name)
+            if renamed:
+                break
+        if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H]: gate rows, then up rows
+            for expert, weight in enumerate(tensor):
+                gate, up = weight.chunk(2)
+                official[f"{name[:-len('gate_up_proj')]}{expert}.gate_proj.weight"] = gate.clone()
+                official[f"{name[:-len('gate_up_proj')]}{expert}.up_proj.weight"] = up.clone()
+        elif name.endswith("mlp.experts.down_proj"):  # [E, H, I]
+            for expert, weight in enumerate(tensor):
+                official[f"{name[:-len('down_proj')]}{expert}.down_proj.weight"] = weight.clone()
+        else:
+            official[name] = tensor
+    return official
+
+
 # Where the layers of either layout are numbered: (config field, what it counts, tensor-name pattern).
 LAYER_PATTERNS = (
     ("num_hidden_layers", "decoder layers", re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")),
@@ -1758,7 +1897,7 @@ LAYER_PATTERNS = (
 if register_checkpoint_conversion_mapping is not None:
     register_checkpoint_conversion_mapping(
         "QwenVLForConditionalGeneration",
-        [WeightRenaming(source, target) for source, target in HUB_KEY_MAPPING.items()],
+        [WeightRenaming(source, target) for source, target in {**HUB_KEY_MAPPING, **KIMI_KEY_MAPPING}.items()],
         overwrite=True,  # this file may be imported twice: from a checkout and as a model directory's remote code
     )
     # Looked up per module class: the body's converters serve it alone (AutoModel) and inside the whole model.
@@ -1829,6 +1968,7 @@ QWEN_VL_2023_RENAMES = tuple(
         (r"^transformer\.h\.(\d+)\.mlp\.w2\.", r"model.language_model.layers.\1.mlp.gate_proj."),
         (r"^transformer\.h\.(\d+)\.mlp\.c_proj\.", r"model.language_model.layers.\1.mlp.down_proj."),
         (r"^transformer\.visual\.positional_embedding$", "model.visual.pos_embed.weight"),
+        (r"^transformer\.visual\.conv1\.", "model.visual.patch_embed.proj."),
         (r"^transformer\.visual\.ln_pre\.", "model.visual.ln_pre."),
         (r"^transformer\.visual\.transformer\.resblocks\.(\d+)\.ln_1\.", r"model.visual.blocks.\1.norm1."),
         (r"^transformer\.visual\.transformer\.resblocks\.(\d+)\.ln_2\.", r"model.visual.blocks.\1.norm2."),
@@ -1876,8 +2016,6 @@ def qwen_vl_2023_state_dict(tensors, config):
             converted[match.expand(r"model.visual.blocks.\1.attn.qkv.\2")] = per_head.contiguous()
         elif name == "transformer.visual.proj":
             converted["model.visual.merger.proj.weight"] = tensor.t().contiguous()
-        elif name == "transformer.visual.conv1.weight":
-            converted["model.visual.patch_embed.proj.weight"] = tensor.unsqueeze(2).contiguous()
         elif renamed := next((pattern.sub(target, name) for pattern, target in QWEN_VL_2023_RENAMES if pattern.match(name)), None):
             converted[renamed] = tensor
         else:

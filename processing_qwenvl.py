@@ -19,7 +19,7 @@ import jinja2.meta
 import torch
 import transformers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from transformers import Qwen2TokenizerFast
+from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import PaddingStrategy
@@ -100,6 +100,12 @@ MEDIA_KIND_BY_KEY = {"image": "image", "image_url": "image", "video": "video"}
 DEFAULT_MAX_ITEMS_PER_REQUEST = 1024
 DEFAULT_MAX_VISION_TOKENS_PER_REQUEST = 2**18
 REQUEST_LIMITS = ("max_items_per_request", "max_vision_tokens_per_request")
+# Kimi-VL (an image processor with `in_token_limit`): images only, each written by the template as
+# <|media_start|>image<|media_content|><|media_pad|><|media_end|>, its tokenizer a converted tiktoken vocabulary.
+KIMI_IMAGE_TOKEN = "<|media_pad|>"
+# Kimi-VL: <|media_start|>image<|media_content|> + pads + <|media_end|>, and no videos (start, image, video, end,
+# and the one more token its spans hold).
+KIMI_VISION_MARKERS = ("<|media_start|>", KIMI_IMAGE_TOKEN, None, "<|media_end|>", "<|media_content|>")
 # Private-use characters stand in for the "<" of user text while the chat template renders (see `_TextEscape`).
 _PRIVATE_USE = range(0xE000, 0xF900)
 
@@ -157,6 +163,8 @@ class QwenVLProcessor(ProcessorMixin):
         )
         self.is_qwen_vl = tokenizer.convert_tokens_to_ids("<imgpad>") not in (None, tokenizer.unk_token_id)
         markers = QWEN_VL_VISION_MARKERS if self.is_qwen_vl else QWEN2_VISION_MARKERS
+        if getattr(image_processor, "in_token_limit", None) is not None:
+            markers = KIMI_VISION_MARKERS
         self.image_token = markers[1]
         self.video_token = markers[2]
         self.image_token_id = self._token_id(self.image_token)
@@ -175,10 +183,10 @@ class QwenVLProcessor(ProcessorMixin):
         options (the request limits) are not the parts' business: transformers hands them to `__init__`.
         """
         kwargs = {name: value for name, value in kwargs.items() if name not in REQUEST_LIMITS}
-        return [
-            QwenVLImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs),
-            Qwen2TokenizerFast.from_pretrained(pretrained_model_name_or_path, **kwargs),
-        ]
+        image_processor = QwenVLImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        # Kimi-VL's tokenizer is its tiktoken vocabulary converted to tokenizer.json (convert_checkpoint.py)
+        tokenizer_class = PreTrainedTokenizerFast if image_processor.in_token_limit is not None else Qwen2TokenizerFast
+        return [image_processor, tokenizer_class.from_pretrained(pretrained_model_name_or_path, **kwargs)]
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -320,7 +328,7 @@ class QwenVLProcessor(ProcessorMixin):
         if image_items:
             encoded = [self._encode_charged_image(item, index, budget) for index, item in enumerate(image_items)]
             image_features = _concat(encoded)
-            image_counts = self._tokens_per_grid(image_features["image_grid_thw"])
+            image_counts = self._tokens_per_grid(_image_grid_thw(image_features))
             data.update(image_features)
         video_texts = []
         if video_items:
@@ -379,7 +387,7 @@ class QwenVLProcessor(ProcessorMixin):
         size, and with it its token count, is known only then; its own pixel bounds cap what one image can cost.
         """
         features = self._encode_image(*item)
-        budget.spend(self._tokens_per_grid(features["image_grid_thw"])[0], f"image {index}")
+        budget.spend(self._tokens_per_grid(_image_grid_thw(features))[0], f"image {index}")
         return features
 
     def _encode_charged_video(self, item: tuple, budget: "_TokenBudget") -> dict:
@@ -429,9 +437,9 @@ class QwenVLProcessor(ProcessorMixin):
         """
         expected = ((self.image_token, images, "image"), (self.video_token, videos, "video"))
         for token, counts, kind in expected:
-            if token is None:  # Qwen-VL (2023) takes no videos
+            if token is None:  # Qwen-VL (2023) and Kimi-VL take no videos
                 if counts if isinstance(counts, int) else any(counts):
-                    raise ValueError(f"this model takes no {kind}s (Qwen-VL 2023 reads images only)")
+                    raise ValueError(f"this model takes no {kind}s (it reads images only)")
                 continue
             if isinstance(counts, int):
                 found = sum(sample.count(token) for sample in texts)
@@ -481,7 +489,7 @@ class QwenVLProcessor(ProcessorMixin):
         """What a placeholder is in the text. A Qwen3-VL video's spans bring their own <|vision_start|> and
         <|vision_end|>, so there the template's whole `<|vision_start|><|video_pad|><|vision_end|>` is replaced
         (as the Qwen code does; a bare `<|video_pad|>` too)."""
-        placeholders = [token for token in (self.image_token, self.video_token) if token]  # Qwen-VL 2023: no video
+        placeholders = [token for token in (self.image_token, self.video_token) if token]  # Qwen-VL 2023, Kimi-VL: no video
         if self.video_timestamps:
             placeholders.insert(0, f"<|vision_start|>{self.video_token}<|vision_end|>")
         return re.compile("|".join(re.escape(placeholder) for placeholder in placeholders))
@@ -821,6 +829,14 @@ def timestamped_video_text(timestamps: list[float], patch_pads: str) -> str:
 
 
 # ---- input normalisation ---------------------------------------------------------------------------------------
+
+
+def _image_grid_thw(features: dict) -> torch.Tensor:
+    """The image grids of encoded features as [n, 3]: Kimi-VL's image processor gives (h, w) pairs (image_grid_hws)."""
+    if "image_grid_hws" not in features:
+        return features["image_grid_thw"]
+    hws = features["image_grid_hws"]
+    return torch.cat([torch.ones_like(hws[:, :1]), hws], dim=1)
 
 
 def _fps_per_video(fps, num_videos: int) -> list[float]:
