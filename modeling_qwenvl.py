@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -83,6 +83,10 @@ except ImportError:
 # 6. 5.x fuses the experts of its DeepSeek-V3 decoder into `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj`
 #    [E, H, I] (and converts official per-expert weights on load); 4.x keeps them one by one. Told apart by the
 #    parameter names in `kimi_state_dict`.
+# 7. Static caches (`generate(cache_implementation="static")`): 5.x names their capacity `get_max_length` and counts
+#    the written tokens itself; 4.x names it `get_max_cache_shape` and writes where `cache_kwargs["cache_position"]`
+#    says. See static_capacity and TextAttention.
+CACHE_CAPACITY = "get_max_length" if hasattr(Cache, "get_max_length") else "get_max_cache_shape"
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -179,8 +183,16 @@ def project(layer, x, dtype):
     """layer(x) in `dtype`, the residual stream's (the float16 guard)."""
     if dtype == layer.weight.dtype:
         return layer(x)
+    if not layer.weight.is_floating_point():  # quantized: the layer computes at its own precision (layer_input)
+        return layer(x.to(dtype)).to(dtype)
     bias = layer.bias.to(dtype) if layer.bias is not None else None
     return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
+
+
+def layer_input(layer, x):
+    """x in the dtype a linear layer computes in. A weight quantized to integers (bitsandbytes' 8-bit and 4-bit
+    layers) gives only its storage type: such a layer converts its input itself, so x goes in as it is."""
+    return x.to(layer.weight.dtype) if layer.weight.is_floating_point() else x
 
 
 class LayerNorm(nn.LayerNorm):
@@ -574,10 +586,9 @@ class VisionAttention(nn.Module):
 
     def attend(self, x, cos, sin, piece):  # one Slice of whole segments -> [rows, hidden]
         rows = slice(piece.start, piece.end)
-        if cos is None:  # no 2-D rotary: the tower adds learned absolute positions instead (Qwen-VL 2023)
-            q, k, v = self.qkv(x[rows].to(self.qkv.weight.dtype)).unflatten(-1, (3, self.num_heads, -1)).unbind(1)
-        else:
-            q, k, v = self.rotated_qkv(x[rows], cos[rows], sin[rows])
+        if cos is not None:
+            cos, sin = cos[rows], sin[rows]
+        q, k, v = self.rotated_qkv(x[rows], cos, sin)
         implementation = self.config._attn_implementation
         kernel = varlen_kernel(implementation, self.qkv.weight, piece)
         if kernel is not None:  # one call for every segment of the slice, whatever their lengths
@@ -587,7 +598,9 @@ class VisionAttention(nn.Module):
         return project(self.proj, out.flatten(1), x.dtype)
 
     def rotated_qkv(self, x, cos, sin):  # -> q, k, v: [N, H, D]
-        qkv = self.qkv(x.to(self.qkv.weight.dtype)).view(x.shape[0], 3, self.num_heads, -1)
+        qkv = self.qkv(layer_input(self.qkv, x)).view(x.shape[0], 3, self.num_heads, -1)
+        if cos is None:  # no 2-D rotary: the tower adds learned absolute positions instead (Qwen-VL 2023)
+            return qkv.unbind(1)
         rotate = apply_vision_rotary_pairs if self.config.vision_rope_layout == "pairs" else apply_vision_rotary
         q, k = rotate(qkv[:, :2], cos, sin).unbind(1)
         return q, k, qkv[:, 2]
@@ -617,9 +630,9 @@ class VisionMLP(nn.Module):
 
     def rows(self, x):
         if self.gated:
-            h = x.to(self.gate_proj.weight.dtype)
+            h = layer_input(self.gate_proj, x)
             return project(self.down_proj, self.act(self.gate_proj(h)) * self.up_proj(h), x.dtype)
-        return project(self.fc2, self.act(self.fc1(x.to(self.fc1.weight.dtype))), x.dtype)
+        return project(self.fc2, self.act(self.fc1(layer_input(self.fc1, x))), x.dtype)
 
 
 class VisionBlock(nn.Module):
@@ -654,7 +667,7 @@ class PatchMerger(nn.Module):
             groups = self.ln_q(x.view(-1, self.group_dim))
         else:
             groups = self.ln_q(x).view(-1, self.group_dim)
-        return self.mlp(groups.to(self.mlp[0].weight.dtype))
+        return self.mlp(layer_input(self.mlp[0], groups))
 
 
 def check_grid_thw(grid_thw, pixel_values, config):
@@ -820,7 +833,7 @@ class Resampler(nn.Module):
         q = self.heads(self.q_proj(self.ln_q(self.query) + self.pos_embed))[None]  # [1, H, Q, D]
         outputs, start = [], 0
         for t, h, w in grid_thw.tolist():
-            patches = x[start : start + t * h * w].view(t, h * w, -1).to(self.kv_proj.weight.dtype)
+            patches = layer_input(self.kv_proj, x[start : start + t * h * w].view(t, h * w, -1))
             start += t * h * w
             kv = self.ln_kv(self.kv_proj(patches))  # [t, h*w, dim]
             k = self.heads(self.k_proj(kv + resize_table(self.pos_embed, h, w).flatten(0, 1).to(kv.dtype)))
@@ -1137,6 +1150,30 @@ def causal_mask(attention_mask, past_length, new_length, implementation):
     return mask
 
 
+def static_capacity(cache):
+    """The number of key slots of a static cache (one that is allocated once and written in place, as
+    `generate(cache_implementation="static")` makes), or None for a cache that grows."""
+    if cache is None or not cache.is_compileable:
+        return None
+    return getattr(cache, CACHE_CAPACITY)()
+
+
+def static_cache_mask(attention_mask, past_length, new_length, capacity, device):
+    """Boolean mask [B or 1, 1, new, capacity] over all the key slots of a static cache (True = attend).
+
+    A static cache hands attention every slot, unwritten ones too: a query sees the slots up to its own, less the
+    padding. `past_length` may be a 0-d tensor (a static cache counts its tokens on the device); nothing here
+    branches on it, so one compiled decoding step serves every position. Slots past the attention mask's end are
+    not written yet (`create_masks_for_generate` pads it to the capacity, so that each step has the same shapes)."""
+    keys = torch.arange(capacity, device=device)
+    queries = past_length + torch.arange(new_length, device=device)
+    mask = (keys[None, :] <= queries[:, None])[None, None]
+    if attention_mask is not None:
+        kept = F.pad(attention_mask.bool().to(device), (0, capacity - attention_mask.shape[-1]))
+        mask = (mask & kept[:, None, None]) | (keys[None, :] == queries[:, None])  # a padding query sees itself
+    return mask
+
+
 def eager_attention_forward(module, q, k, v, mask, scaling, dropout=0.0, **kwargs):
     """Attention written out, for `attn_implementation="eager"`. q: [B, H, L, D], k/v: [B, Hkv, S, D]."""
     k = k.repeat_interleave(module.num_key_value_groups, dim=1)
@@ -1187,8 +1224,8 @@ class TextAttention(nn.Module):
         q, k = apply_rotary(q, k, cos, sin)
         if query_scale is not None:  # logn attention
             q = q * query_scale.to(q.dtype)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+        if cache is not None:  # 4.x static caches write at cache_position (compat item 7)
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": kwargs.get("cache_position")})
         # Looked up on every call, so that set_attn_implementation switches a loaded model (compat item 2).
         if self.config._attn_implementation == "eager":
             attend = eager_attention_forward
@@ -1329,7 +1366,11 @@ class QwenVLTextModel(QwenVLPreTrainedModel):
         cos, sin = self.rotary_emb(position_ids, x.dtype, self.ntk_alpha(attention_mask, cache, past_length, x.shape))
         if self.config.use_logn_attn and not self.training:
             kwargs["query_scale"] = logn_query_scale(position_ids[0], self.config.seq_length)
-        mask = causal_mask(attention_mask, past_length, x.shape[1], self.config._attn_implementation)
+        if (capacity := static_capacity(cache)) is not None:
+            mask = static_cache_mask(attention_mask, past_length, x.shape[1], capacity, x.device)
+            kwargs["cache_position"] = past_length + torch.arange(x.shape[1], device=x.device)
+        else:
+            mask = causal_mask(attention_mask, past_length, x.shape[1], self.config._attn_implementation)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
                 x = self._gradient_checkpointing_func(layer.__call__, x, cos, sin, mask, cache)
@@ -1446,7 +1487,8 @@ class QwenVLModel(QwenVLPreTrainedModel):
             cache = DynamicCache()
         past_length = cache.get_seq_length() if cache is not None else 0
         if inputs_embeds is None:
-            if past_length == 0 or input_ids.shape[-1] > 1:  # once per prompt: a decoding step's token is the model's
+            # once per prompt: a decoding step's token is the model's (and a compiled step cannot stop for a host check)
+            if not torch.compiler.is_compiling() and (past_length == 0 or input_ids.shape[-1] > 1):
                 check_input_ids(input_ids, self.config.vocab_size)
             embedding = self.get_input_embeddings()
             if sparse_embedding_grad and type(embedding) is nn.Embedding:
@@ -1708,6 +1750,15 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
             inputs.update(vision_inputs_after(self.config, input_ids, past_length, kwargs))
         inputs["rope_deltas"] = rope_deltas
         return inputs
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """generate() asks for the mask of a static cache here (on both lines): the 2-D mask padded with zeros to
+        the cache's capacity, so that every decoding step has the same shapes and a compiled step compiles once.
+        The model adds the causal part over the cache's slots itself (static_cache_mask)."""
+        capacity = static_capacity(kwargs.get(CACHE_NAME))
+        if attention_mask is None or capacity is None:
+            return attention_mask
+        return F.pad(attention_mask, (0, capacity - attention_mask.shape[-1]))
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
