@@ -11,6 +11,8 @@ Images and videos both go through the image processor: there is deliberately no 
 transformers 5.x validates that part against a registry that exists only when torchvision is installed.
 """
 
+import math
+import numbers
 import os
 import re
 
@@ -210,7 +212,9 @@ class QwenVLProcessor(ProcessorMixin):
                 taken as already sampled at `fps` and sized (e.g. by `load_video`; sides are only rounded to
                 multiples of 28).
             **kwargs: `min_pixels`, `max_pixels`, `resized_height`, `resized_width` for the images; `fps` (one
-                number, or one per video; default 2.0) for the videos; `return_tensors`;
+                number, or one per video; default 2.0) for the videos; `frame_times` (Qwen3-VL: per video None or
+                the time in seconds of each of its frames, e.g. from `load_video(..., return_frame_times=True)`;
+                frames without are `fps` apart from 0 s); `return_tensors`;
                 `return_mm_token_type_ids` (default True); `return_text_replacement_offsets` (default False, see
                 Returns); everything else goes to the tokenizer (`padding`, `truncation`, `max_length`,
                 `padding_side`, ...). `split_special_tokens=True` reads every special-token string in the text
@@ -237,11 +241,12 @@ class QwenVLProcessor(ProcessorMixin):
         """
         if images is None and text is None and videos is None:
             raise ValueError("QwenVLProcessor needs at least one of text, images or videos")
-        _check_known_options(kwargs, (*IMAGE_OPTIONS, "fps", *OUTPUT_OPTIONS, *TOKENIZER_OPTIONS))
+        _check_known_options(kwargs, (*IMAGE_OPTIONS, "fps", "frame_times", *OUTPUT_OPTIONS, *TOKENIZER_OPTIONS))
         image_options = {name: kwargs.pop(name) for name in IMAGE_OPTIONS if name in kwargs}
         fps = kwargs.pop("fps", None)
         image_inputs = [] if images is None else image_list(images)
         video_inputs = [] if videos is None else video_list(videos, paths=True)
+        frame_times = self._given_frame_times(kwargs.pop("frame_times", None), video_inputs)
 
         texts = None if text is None else _as_text_list(text)
         if texts is not None:
@@ -254,23 +259,51 @@ class QwenVLProcessor(ProcessorMixin):
             )
         self._check_item_count(len(image_inputs) + len(video_inputs))
         budget = _TokenBudget(self.max_vision_tokens_per_request)
-        video_items = self._load_call_videos(video_inputs, fps, budget)
+        video_items = self._load_call_videos(video_inputs, fps, budget, frame_times)
         image_items = [(image, image_options) for image in image_inputs]
         return self._build(texts, image_items, video_items, budget, **kwargs)
 
-    def _load_call_videos(self, videos: list, fps, budget: "_TokenBudget") -> list:
+    def _load_call_videos(self, videos: list, fps, budget: "_TokenBudget", frame_times: list) -> list:
         """Pair each video with its frames-per-second: paths are decoded at that rate (and charged to the budget
-        before the next is decoded), frames are taken as is."""
+        before the next is decoded), frames are taken as is, with the frame times given for them (or None)."""
         fps_per_video = _fps_per_video(fps, len(videos))
         items = []
-        for video, video_fps in zip(videos, fps_per_video):
+        for video, video_fps, times in zip(videos, fps_per_video, frame_times):
             if isinstance(video, (str, os.PathLike)):
                 frames, sampled_fps, times = self._read_video(os.fspath(video), dict(fps=video_fps))
                 budget.spend(self._decoded_video_tokens(frames), f"video {len(items)}")
                 items.append((frames, sampled_fps, True, times))
             else:
-                items.append((video, video_fps, False, None))
+                items.append((video, video_fps, False, times))
         return items
+
+    def _given_frame_times(self, frame_times, videos: list) -> list:
+        """The `frame_times` of a call, checked: per video, None or the time in seconds of each of its frames."""
+        if frame_times is None:
+            return [None] * len(videos)
+        if not self.video_timestamps:
+            raise ValueError(
+                "frame_times is for Qwen3-VL processors (patch_size 16), which write video time into the text; "
+                "this one takes each video's time from fps"
+            )
+        if not isinstance(frame_times, (list, tuple)) or len(frame_times) != len(videos):
+            raise ValueError(
+                f"frame_times must hold one list of seconds per video ({len(videos)}), got {_short(frame_times)}"
+            )
+        checked = []
+        for index, (video, times) in enumerate(zip(videos, frame_times)):
+            if times is not None and isinstance(video, (str, os.PathLike)):
+                raise ValueError(f"video {index} is a file, whose frames' times come from the file: give it None")
+            valid = isinstance(times, (list, tuple)) and all(
+                isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t) for t in times
+            )
+            if times is not None and not (valid and len(times) == len(video)):
+                raise ValueError(
+                    f"frame_times[{index}] must be None or one finite number of seconds per frame of video {index} "
+                    f"({len(video)} frames), got {_short(times)}"
+                )
+            checked.append(None if times is None else [float(t) for t in times])
+        return checked
 
     def _read_video(self, video, options: dict) -> tuple:
         """`load_video` with an item's options: (frames, sampled fps, frame times). A Qwen3-VL processor reads at
