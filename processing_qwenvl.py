@@ -5,7 +5,7 @@ chat template between `<|vision_start|>` and `<|vision_end|>`. The processor run
 `QwenVLImageProcessor` and widens each placeholder to as many copies as the vision encoder will produce merged
 tokens for it (`grid_t * grid_h * grid_w / merge_size**2`), so the model can scatter vision features into them.
 Qwen3-VL writes a video differently: each temporal patch is its own span after its time in plain text,
-`<0.3 seconds><|vision_start|>{pads}<|vision_end|><1.3 seconds><|vision_start|>...` (see `video_timestamps`).
+`<0.3 seconds><|vision_start|>{pads}<|vision_end|><1.3 seconds><|vision_start|>...` (see `text_timestamps`).
 
 Images and videos both go through the image processor: there is deliberately no `video_processor` part, because
 transformers 5.x validates that part against a registry that exists only when torchvision is installed.
@@ -189,11 +189,11 @@ class QwenVLProcessor(ProcessorMixin):
         return QwenVLVideoView(self.image_processor)
 
     @property
-    def video_timestamps(self) -> bool:
+    def text_timestamps(self) -> bool:
         """Whether videos are written Qwen3-VL's way: each temporal patch its own `<|vision_start|>...<|vision_end|>`
         span after its time as text (`<1.3 seconds>`), and no `second_per_grid_ts`. True when the image processor
         has Qwen3-VL's 16-px patches (its official preprocessor_config.json), False for Qwen2-VL's and Qwen2.5-VL's
-        14 px."""
+        14 px. The model's switch of the same name (`vision_config.text_timestamps`) reads such prompts."""
         return self.image_processor.patch_size == TIMESTAMPED_VIDEO_PATCH_SIZE
 
     # ---- main entry point ----------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ class QwenVLProcessor(ProcessorMixin):
             BatchFeature with `input_ids`, `attention_mask`, `mm_token_type_ids` (0 text, 1 image, 2 video) when
             text is given; `pixel_values`, `image_grid_thw` for images; `pixel_values_videos`, `video_grid_thw`,
             `second_per_grid_ts` (temporal_patch_size / fps, seconds per temporal patch) for videos (Qwen2/2.5; a
-            Qwen3-VL processor writes each temporal patch's time into the text instead: `video_timestamps`). With
+            Qwen3-VL processor writes each temporal patch's time into the text instead: `text_timestamps`). With
             `return_text_replacement_offsets=True`, also `text_replacement_offsets`: per sample, one dict per
             placeholder in order (`type` "image" / "video", `span` in the text given, `new_span` in the widened
             text, `text` the placeholder, `replacement` what it became), as transformers' processors report them;
@@ -281,7 +281,7 @@ class QwenVLProcessor(ProcessorMixin):
         """The `frame_times` of a call, checked: per video, None or the time in seconds of each of its frames."""
         if frame_times is None:
             return [None] * len(videos)
-        if not self.video_timestamps:
+        if not self.text_timestamps:
             raise ValueError(
                 "frame_times is for Qwen3-VL processors (patch_size 16), which write video time into the text; "
                 "this one takes each video's time from fps"
@@ -309,7 +309,7 @@ class QwenVLProcessor(ProcessorMixin):
         """`load_video` with an item's options: (frames, sampled fps, frame times). A Qwen3-VL processor reads at
         its own side multiple (patch_size * merge_size: 32, with the video bounds of 32) and keeps each frame's time
         for the text; the Qwen2/2.5 ones read as qwen-vl-utils' defaults (28), and need no times (None)."""
-        if not self.video_timestamps:
+        if not self.text_timestamps:
             return (*load_video(video, **options), None)
         factor = self.image_processor.patch_size * self.image_processor.merge_size
         return load_video(video, **options, factor=factor, return_frame_times=True)
@@ -347,7 +347,7 @@ class QwenVLProcessor(ProcessorMixin):
             video_features = _concat([self._encode_charged_video(item, budget) for item in video_items])
             video_counts = self._tokens_per_grid(video_features["video_grid_thw"])
             data.update(video_features)
-            if self.video_timestamps:  # time is in the text, not in the positions
+            if self.text_timestamps:  # time is in the text, not in the positions
                 video_texts = self._timestamped_videos(video_features["video_grid_thw"], video_items)
             else:
                 tp = self.image_processor.temporal_patch_size
@@ -495,7 +495,7 @@ class QwenVLProcessor(ProcessorMixin):
         <|vision_end|>, so there the template's whole `<|vision_start|><|video_pad|><|vision_end|>` is replaced
         (as the Qwen code does; a bare `<|video_pad|>` too)."""
         placeholders = [self.image_token, self.video_token]
-        if self.video_timestamps:
+        if self.text_timestamps:
             placeholders.insert(0, f"<|vision_start|>{self.video_token}<|vision_end|>")
         return re.compile("|".join(re.escape(placeholder) for placeholder in placeholders))
 

@@ -93,8 +93,8 @@ def test_official_config_gives_the_qwen3_settings(processor, tokenizer):
         16777216,
     )
     assert (QwenVLImageProcessor().min_pixels, QwenVLImageProcessor().max_pixels) == (3136, 12845056)
-    assert processor.video_timestamps
-    assert not QwenVLProcessor(image_processor=QwenVLImageProcessor(), tokenizer=tokenizer).video_timestamps
+    assert processor.text_timestamps
+    assert not QwenVLProcessor(image_processor=QwenVLImageProcessor(), tokenizer=tokenizer).text_timestamps
 
 
 @pytest.mark.parametrize("name", PHOTOS)
@@ -428,7 +428,7 @@ def qwen3_folder(path: Path) -> Path:
 
 def test_auto_processor_loads_a_qwen3_folder(tmp_path):
     loaded = AutoProcessor.from_pretrained(qwen3_folder(tmp_path), trust_remote_code=True)
-    assert type(loaded).__name__ == "QwenVLProcessor" and loaded.video_timestamps
+    assert type(loaded).__name__ == "QwenVLProcessor" and loaded.text_timestamps
     assert loaded.image_processor.patch_size == 16 and loaded.image_processor.min_pixels == 65536
     assert loaded.chat_template == (ROOT / "chat_template_qwen3_vl.jinja").read_text(encoding="utf-8")
     frames = np.random.default_rng(5).integers(0, 256, (4, 64, 64, 3), np.uint8)
@@ -439,7 +439,7 @@ def test_auto_processor_loads_a_qwen3_folder(tmp_path):
     saved = tmp_path / "saved"
     loaded.save_pretrained(saved)
     again = AutoProcessor.from_pretrained(saved, trust_remote_code=True)
-    assert again.video_timestamps and again.image_processor.image_mean == [0.5, 0.5, 0.5]
+    assert again.text_timestamps and again.image_processor.image_mean == [0.5, 0.5, 0.5]
     assert again.chat_template == loaded.chat_template
 
 
