@@ -960,7 +960,7 @@ def load_video(
     ``video`` is a file path (or ``file://`` path) or an http(s) URL (fetched under ``fetch_policy``, see
     ``FetchPolicy``), decoded with PyAV, or a list of frames (anything ``load_image`` takes) / a 4-D array or
     tensor, taken as already sampled at ``fps`` (default 2.0). As in qwen-vl-utils 0.0.14, a frame list's size
-    passes through a first rounding to multiples of 56 (see below).
+    passes through a first rounding to multiples of 2 * factor (56; see below).
 
     For a file, ``smart_nframes`` frames (``fps`` default 2.0, or ``nframes``; not both) are taken between
     ``video_start`` and ``video_end`` seconds at the same indices as qwen-vl-utils, and the returned fps is the

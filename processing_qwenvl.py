@@ -5,12 +5,14 @@ chat template between `<|vision_start|>` and `<|vision_end|>`. The processor run
 `QwenVLImageProcessor` and widens each placeholder to as many copies as the vision encoder will produce merged
 tokens for it (`grid_t * grid_h * grid_w / merge_size**2`), so the model can scatter vision features into them.
 Qwen3-VL writes a video differently: each temporal patch is its own span after its time in plain text,
-`<0.3 seconds><|vision_start|>{pads}<|vision_end|><1.3 seconds><|vision_start|>...` (see `video_timestamps`).
+`<0.3 seconds><|vision_start|>{pads}<|vision_end|><1.3 seconds><|vision_start|>...` (see `text_timestamps`).
 
 Images and videos both go through the image processor: there is deliberately no `video_processor` part, because
 transformers 5.x validates that part against a registry that exists only when torchvision is installed.
 """
 
+import math
+import numbers
 import os
 import re
 
@@ -206,11 +208,11 @@ class QwenVLProcessor(ProcessorMixin):
         return QwenVLVideoView(self.image_processor)
 
     @property
-    def video_timestamps(self) -> bool:
+    def text_timestamps(self) -> bool:
         """Whether videos are written Qwen3-VL's way: each temporal patch its own `<|vision_start|>...<|vision_end|>`
         span after its time as text (`<1.3 seconds>`), and no `second_per_grid_ts`. True when the image processor
         has Qwen3-VL's 16-px patches (its official preprocessor_config.json), False for Qwen2-VL's and Qwen2.5-VL's
-        14 px."""
+        14 px. The model's switch of the same name (`vision_config.text_timestamps`) reads such prompts."""
         return self.image_processor.patch_size == TIMESTAMPED_VIDEO_PATCH_SIZE
 
     # ---- main entry point ----------------------------------------------------------------------------------
@@ -229,7 +231,9 @@ class QwenVLProcessor(ProcessorMixin):
                 taken as already sampled at `fps` and sized (e.g. by `load_video`; sides are only rounded to
                 multiples of 28).
             **kwargs: `min_pixels`, `max_pixels`, `resized_height`, `resized_width` for the images; `fps` (one
-                number, or one per video; default 2.0) for the videos; `return_tensors`;
+                number, or one per video; default 2.0) for the videos; `frame_times` (Qwen3-VL: per video None or
+                the time in seconds of each of its frames, e.g. from `load_video(..., return_frame_times=True)`;
+                frames without are `fps` apart from 0 s); `return_tensors`;
                 `return_mm_token_type_ids` (default True); `return_text_replacement_offsets` (default False, see
                 Returns); everything else goes to the tokenizer (`padding`, `truncation`, `max_length`,
                 `padding_side`, ...). `split_special_tokens=True` reads every special-token string in the text
@@ -240,7 +244,7 @@ class QwenVLProcessor(ProcessorMixin):
             BatchFeature with `input_ids`, `attention_mask`, `mm_token_type_ids` (0 text, 1 image, 2 video) when
             text is given; `pixel_values`, `image_grid_thw` for images; `pixel_values_videos`, `video_grid_thw`,
             `second_per_grid_ts` (temporal_patch_size / fps, seconds per temporal patch) for videos (Qwen2/2.5; a
-            Qwen3-VL processor writes each temporal patch's time into the text instead: `video_timestamps`). With
+            Qwen3-VL processor writes each temporal patch's time into the text instead: `text_timestamps`). With
             `return_text_replacement_offsets=True`, also `text_replacement_offsets`: per sample, one dict per
             placeholder in order (`type` "image" / "video", `span` in the text given, `new_span` in the widened
             text, `text` the placeholder, `replacement` what it became), as transformers' processors report them;
@@ -256,11 +260,12 @@ class QwenVLProcessor(ProcessorMixin):
         """
         if images is None and text is None and videos is None:
             raise ValueError("QwenVLProcessor needs at least one of text, images or videos")
-        _check_known_options(kwargs, (*IMAGE_OPTIONS, "fps", *OUTPUT_OPTIONS, *TOKENIZER_OPTIONS))
+        _check_known_options(kwargs, (*IMAGE_OPTIONS, "fps", "frame_times", *OUTPUT_OPTIONS, *TOKENIZER_OPTIONS))
         image_options = {name: kwargs.pop(name) for name in IMAGE_OPTIONS if name in kwargs}
         fps = kwargs.pop("fps", None)
         image_inputs = [] if images is None else image_list(images)
         video_inputs = [] if videos is None else video_list(videos, paths=True)
+        frame_times = self._given_frame_times(kwargs.pop("frame_times", None), video_inputs)
 
         texts = None if text is None else _as_text_list(text)
         if texts is not None and self.is_qwen_vl:
@@ -275,29 +280,57 @@ class QwenVLProcessor(ProcessorMixin):
             )
         self._check_item_count(len(image_inputs) + len(video_inputs))
         budget = _TokenBudget(self.max_vision_tokens_per_request)
-        video_items = self._load_call_videos(video_inputs, fps, budget)
+        video_items = self._load_call_videos(video_inputs, fps, budget, frame_times)
         image_items = [(image, image_options) for image in image_inputs]
         return self._build(texts, image_items, video_items, budget, **kwargs)
 
-    def _load_call_videos(self, videos: list, fps, budget: "_TokenBudget") -> list:
+    def _load_call_videos(self, videos: list, fps, budget: "_TokenBudget", frame_times: list) -> list:
         """Pair each video with its frames-per-second: paths are decoded at that rate (and charged to the budget
-        before the next is decoded), frames are taken as is."""
+        before the next is decoded), frames are taken as is, with the frame times given for them (or None)."""
         fps_per_video = _fps_per_video(fps, len(videos))
         items = []
-        for video, video_fps in zip(videos, fps_per_video):
+        for video, video_fps, times in zip(videos, fps_per_video, frame_times):
             if isinstance(video, (str, os.PathLike)):
                 frames, sampled_fps, times = self._read_video(os.fspath(video), dict(fps=video_fps))
                 budget.spend(self._decoded_video_tokens(frames), f"video {len(items)}")
                 items.append((frames, sampled_fps, True, times))
             else:
-                items.append((video, video_fps, False, None))
+                items.append((video, video_fps, False, times))
         return items
+
+    def _given_frame_times(self, frame_times, videos: list) -> list:
+        """The `frame_times` of a call, checked: per video, None or the time in seconds of each of its frames."""
+        if frame_times is None:
+            return [None] * len(videos)
+        if not self.text_timestamps:
+            raise ValueError(
+                "frame_times is for Qwen3-VL processors (patch_size 16), which write video time into the text; "
+                "this one takes each video's time from fps"
+            )
+        if not isinstance(frame_times, (list, tuple)) or len(frame_times) != len(videos):
+            raise ValueError(
+                f"frame_times must hold one list of seconds per video ({len(videos)}), got {_short(frame_times)}"
+            )
+        checked = []
+        for index, (video, times) in enumerate(zip(videos, frame_times)):
+            if times is not None and isinstance(video, (str, os.PathLike)):
+                raise ValueError(f"video {index} is a file, whose frames' times come from the file: give it None")
+            valid = isinstance(times, (list, tuple)) and all(
+                isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t) for t in times
+            )
+            if times is not None and not (valid and len(times) == len(video)):
+                raise ValueError(
+                    f"frame_times[{index}] must be None or one finite number of seconds per frame of video {index} "
+                    f"({len(video)} frames), got {_short(times)}"
+                )
+            checked.append(None if times is None else [float(t) for t in times])
+        return checked
 
     def _read_video(self, video, options: dict) -> tuple:
         """`load_video` with an item's options: (frames, sampled fps, frame times). A Qwen3-VL processor reads at
         its own side multiple (patch_size * merge_size: 32, with the video bounds of 32) and keeps each frame's time
         for the text; the Qwen2/2.5 ones read as qwen-vl-utils' defaults (28), and need no times (None)."""
-        if not self.video_timestamps:
+        if not self.text_timestamps:
             return (*load_video(video, **options), None)
         factor = self.image_processor.patch_size * self.image_processor.merge_size
         return load_video(video, **options, factor=factor, return_frame_times=True)
@@ -335,7 +368,7 @@ class QwenVLProcessor(ProcessorMixin):
             video_features = _concat([self._encode_charged_video(item, budget) for item in video_items])
             video_counts = self._tokens_per_grid(video_features["video_grid_thw"])
             data.update(video_features)
-            if self.video_timestamps:  # time is in the text, not in the positions
+            if self.text_timestamps:  # time is in the text, not in the positions
                 video_texts = self._timestamped_videos(video_features["video_grid_thw"], video_items)
             else:
                 tp = self.image_processor.temporal_patch_size
@@ -490,7 +523,7 @@ class QwenVLProcessor(ProcessorMixin):
         <|vision_end|>, so there the template's whole `<|vision_start|><|video_pad|><|vision_end|>` is replaced
         (as the Qwen code does; a bare `<|video_pad|>` too)."""
         placeholders = [token for token in (self.image_token, self.video_token) if token]  # Qwen-VL 2023, Kimi-VL: no video
-        if self.video_timestamps:
+        if self.text_timestamps:
             placeholders.insert(0, f"<|vision_start|>{self.video_token}<|vision_end|>")
         return re.compile("|".join(re.escape(placeholder) for placeholder in placeholders))
 

@@ -93,8 +93,8 @@ def test_official_config_gives_the_qwen3_settings(processor, tokenizer):
         16777216,
     )
     assert (QwenVLImageProcessor().min_pixels, QwenVLImageProcessor().max_pixels) == (3136, 12845056)
-    assert processor.video_timestamps
-    assert not QwenVLProcessor(image_processor=QwenVLImageProcessor(), tokenizer=tokenizer).video_timestamps
+    assert processor.text_timestamps
+    assert not QwenVLProcessor(image_processor=QwenVLImageProcessor(), tokenizer=tokenizer).text_timestamps
 
 
 @pytest.mark.parametrize("name", PHOTOS)
@@ -280,6 +280,28 @@ def test_frames_and_batch_layout_match_the_qwen_code(processor, tokenizer):
     assert "<1.0 seconds><|vision_start|>" in processor.decode(ours["input_ids"][1])
 
 
+def test_decoded_frames_keep_their_times_with_frame_times(processor, tokenizer):
+    """Frames decoded beforehand carry their times in the clip through `frame_times`, as a path does itself."""
+    path = clip("bikes.mp4")
+    options = {"nframes": 4, "video_start": 3.0, "min_pixels": 16 * 32 * 32, "max_pixels": 16 * 32 * 32}
+    frames, fps, times = load_video(path, **options, factor=32, return_frame_times=True)
+    messages = [user({"type": "video", "video": path, **options})]
+    from_path = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    prompt = processor.apply_chat_template(messages)
+    given = processor(text=prompt, videos=[frames], fps=fps, frame_times=[times], return_tensors="pt")
+    assert given["input_ids"].tolist() == from_path["input_ids"].tolist()
+    from_zero = processor(text=prompt, videos=[frames], fps=fps)  # without: the same frames fps apart from 0 s
+    assert from_zero["input_ids"][0] != given["input_ids"][0].tolist()
+    assert processor.decode(from_zero["input_ids"][0]).startswith("<|im_start|>user\n<0.")
+    with pytest.raises(ValueError, match="one finite number of seconds per frame"):
+        processor(text=VIDEO, videos=[frames], frame_times=[times[:-1]])
+    with pytest.raises(ValueError, match="is a file"):
+        processor(text=VIDEO, videos=[path], frame_times=[times])
+    qwen25 = QwenVLProcessor(image_processor=QwenVLImageProcessor(), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="frame_times is for Qwen3-VL processors"):
+        qwen25(text=VIDEO, videos=[frames], frame_times=[times])
+
+
 @pytest.mark.skipif(TRANSFORMERS_4, reason="4.57 is the Qwen code, whose layout ours follows")
 def test_transformers_5_keeps_an_outer_vision_pair(processor, tokenizer):
     """The documented difference: 5.x writes the template's <|vision_start|> and <|vision_end|> around the timed
@@ -406,7 +428,7 @@ def qwen3_folder(path: Path) -> Path:
 
 def test_auto_processor_loads_a_qwen3_folder(tmp_path):
     loaded = AutoProcessor.from_pretrained(qwen3_folder(tmp_path), trust_remote_code=True)
-    assert type(loaded).__name__ == "QwenVLProcessor" and loaded.video_timestamps
+    assert type(loaded).__name__ == "QwenVLProcessor" and loaded.text_timestamps
     assert loaded.image_processor.patch_size == 16 and loaded.image_processor.min_pixels == 65536
     assert loaded.chat_template == (ROOT / "chat_template_qwen3_vl.jinja").read_text(encoding="utf-8")
     frames = np.random.default_rng(5).integers(0, 256, (4, 64, 64, 3), np.uint8)
@@ -417,7 +439,7 @@ def test_auto_processor_loads_a_qwen3_folder(tmp_path):
     saved = tmp_path / "saved"
     loaded.save_pretrained(saved)
     again = AutoProcessor.from_pretrained(saved, trust_remote_code=True)
-    assert again.video_timestamps and again.image_processor.image_mean == [0.5, 0.5, 0.5]
+    assert again.text_timestamps and again.image_processor.image_mean == [0.5, 0.5, 0.5]
     assert again.chat_template == loaded.chat_template
 
 
