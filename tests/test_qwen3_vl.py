@@ -221,6 +221,23 @@ def test_saved_in_the_hub_layout_and_reloaded(pair, tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1]) == expected_tokens.tolist()
 
 
+def test_official_folder_converts_and_loads(pair, tmp_path):
+    """An official-layout folder (hub names, experts [E, hidden, 2I], nested config.json) through convert_checkpoint.py
+    gives the built-in's logits."""
+    import convert_checkpoint
+
+    _, reference, ours, directory = pair
+    official = tmp_path / "official"
+    ours.save_pretrained(official)  # the hub layout
+    (official / "config.json").write_text((directory / "config.json").read_text())  # the official nested config
+    written = convert_checkpoint.convert(str(official), str(tmp_path / "converted"))
+    assert "family qwen3_vl" in written["config.json"]
+    converted = QwenVLForConditionalGeneration.from_pretrained(tmp_path / "converted").eval()
+    inputs = video()
+    expected = logits_of(reference, builtin_inputs(inputs))
+    assert (logits_of(converted, inputs) - expected).abs().max() < TOLERANCE
+
+
 def test_auto_model_loads_the_body(pair):
     _, reference, _, directory = pair
     body = QwenVLModel.from_pretrained(directory)
