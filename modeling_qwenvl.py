@@ -1543,6 +1543,15 @@ def spans_per_sample(config, input_ids, token_id):
     return starts.sum(-1).tolist()
 
 
+def span_grids(config, kind, grid_thw):
+    """The grids of the placeholder spans of one modality. A Qwen3-VL video has a span per temporal patch; its pixel
+    rows come frame by frame, so it splits exactly into items of one frame each (which encode alike)."""
+    if kind != "video" or not config.vision_config.text_timestamps:
+        return grid_thw
+    frames = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
+    return torch.cat([torch.ones_like(frames[:, :1]), frames[:, 1:]], dim=1)
+
+
 def rows_of_items(grid_thw):
     """Start and end row of each item's patches in the packed pixel tensor."""
     ends = grid_thw.prod(-1).cumsum(0).tolist()
@@ -1558,6 +1567,7 @@ def vision_inputs_after(config, input_ids, past_length, kwargs):
         grid = kwargs.get(grid_name)
         if grid is None or kwargs.get(pixels_name) is None:
             continue
+        grid = span_grids(config, kind, grid)
         token_id = config.image_token_id if kind == "image" else config.video_token_id
         cached = spans_per_sample(config, input_ids[:, :past_length], token_id)
         total = spans_per_sample(config, input_ids, token_id)
@@ -1582,6 +1592,7 @@ def expand_vision_inputs(config, input_ids, vision, expand_size):
         grid = vision.get(grid_name)
         if grid is None:
             continue
+        grid = span_grids(config, kind, grid)
         token_id = config.image_token_id if kind == "image" else config.video_token_id
         order, first = [], 0
         for count in spans_per_sample(config, input_ids, token_id):

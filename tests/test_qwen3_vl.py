@@ -139,6 +139,17 @@ def test_greedy_tokens_with_and_without_cache_and_as_the_builtin(pair):
     assert cached.tolist() == uncached.tolist() == builtin.tolist()
 
 
+def test_beam_search_repeats_video_frames_per_sample(pair):
+    """Beams repeat each sample's vision items; a Qwen3-VL video is counted by its spans, one per temporal patch."""
+    _, reference, ours, _ = pair
+    inputs = padded_batch()
+    options = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    with torch.no_grad():
+        got = ours.generate(**inputs, **options)
+        expected = reference.generate(**builtin_inputs(inputs), **options)
+    assert got.tolist() == expected.tolist()
+
+
 def test_deepstack_changes_the_logits(pair):
     """With the DeepStack mergers' outputs zeroed the logits move: the features do reach the decoder."""
     _, _, ours, directory = pair
