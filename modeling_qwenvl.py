@@ -151,6 +151,9 @@ class QwenVLPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, TextExperts):
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            nn.init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, (RMSNorm, nn.LayerNorm)):
             nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
@@ -896,19 +899,20 @@ def text_positions(attention_mask, past_length, new_length, rope_deltas, device)
 # ======================================================================================================================
 
 
-def mrope_axes(mrope_section, interleaved):
-    """The axis (0 time, 1 height, 2 width) that turns each frequency pair, highest frequency first.
+def mrope_axes(mrope_section, interleaved, device=None):
+    """The axis (0 time, 1 height, 2 width) that turns each frequency pair, highest frequency first. -> [D/2] long
 
     Chunked (Qwen2/2.5-VL): the first `mrope_section[0]` pairs turn with time, the next with height, the last with
     width. Interleaved (Qwen3-VL, [24, 20, 20]): pairs cycle T H W, T H W, ... while each axis has pairs left, the
-    remainder turns with time, so every axis spans high and low frequencies."""
+    remainder turns with time, so every axis spans high and low frequencies. Made on `device` from arange: no
+    host-to-device copy on a decoding step."""
+    time, height, _ = mrope_section
+    pair = torch.arange(sum(mrope_section), device=device)
     if not interleaved:
-        return [axis for axis, count in enumerate(mrope_section) for _ in range(count)]
-    axes = []
-    for i in range(sum(mrope_section)):
-        axis = i % 3
-        axes.append(axis if axis and i < 3 * mrope_section[axis] else 0)
-    return axes
+        return (pair >= time).long() + (pair >= time + height).long()
+    axis = pair % 3
+    pairs_left = pair < 3 * torch.where(axis == 1, mrope_section[1], mrope_section[2])
+    return torch.where((axis > 0) & pairs_left, axis, 0)
 
 
 class MultimodalRotaryEmbedding(nn.Module):
@@ -919,14 +923,15 @@ class MultimodalRotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = config.head_dim
         self.theta = config.rope_theta
-        # a plain list, not a buffer: models are built on the meta device
-        self.axes = mrope_axes(list(config.mrope_section), config.mrope_interleaved)
+        self.mrope_section = list(config.mrope_section)  # a plain list, not a buffer: models are built on the meta device
+        self.interleaved = config.mrope_interleaved
 
     def forward(self, position_ids, dtype):  # position_ids: [3, B, L] -> 2 x [B, L, D]
         # Made on the positions' device: no host-to-device copy on a decoding step.
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=position_ids.device) / self.head_dim
         inv_freq = 1.0 / (self.theta**exponents)
-        positions = position_ids.float()[self.axes]  # [D/2, B, L]: each pair's axis
+        axes = mrope_axes(self.mrope_section, self.interleaved, position_ids.device)
+        positions = position_ids.float()[axes]  # [D/2, B, L]: each pair's axis
         angles = positions.permute(1, 2, 0) * inv_freq
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -1146,7 +1151,7 @@ class DeepStack(NamedTuple):
 
 
 class QwenVLTextModel(QwenVLPreTrainedModel):
-    """The Qwen2 decoder: embeddings [B, L, hidden] + positions [3, B, L] -> hidden states."""
+    """The Qwen2 / Qwen3 decoder: embeddings [B, L, hidden] + positions [3, B, L] -> hidden states."""
 
     _no_split_modules = ["TextDecoderLayer"]
     # Parallel plans, keyed relative to this model. transformers 5 reads a model class's own `_tp_plan`/`_pp_plan`

@@ -274,8 +274,9 @@ def test_official_parameter_counts(name):
 
 def test_interleaved_mrope_axes():
     """[24, 20, 20]: T H W repeated 20 times, then T for the last four pairs (spec 1.3); chunked for Qwen2/2.5."""
-    assert mrope_axes([24, 20, 20], True) == [0, 1, 2] * 20 + [0] * 4
-    assert mrope_axes([16, 24, 24], False) == [0] * 16 + [1] * 24 + [2] * 24
+    assert mrope_axes([24, 20, 20], True).tolist() == [0, 1, 2] * 20 + [0] * 4
+    assert mrope_axes([16, 24, 24], False).tolist() == [0] * 16 + [1] * 24 + [2] * 24
+    assert mrope_axes([6, 5, 5], True).tolist() == [0, 1, 2] * 5 + [0]
 
 
 # ---- serving -----------------------------------------------------------------------------------------------------
