@@ -816,6 +816,7 @@ class VisionSpans:
         self.grids = grid_thw.tolist() if grid_thw is not None else []
         if per_frame:  # each temporal patch is one span of its own, after its timestamp text (Qwen3-VL)
             self.grids = [[1, h, w] for t, h, w in self.grids for _ in range(t)]
+        self.per_frame = per_frame
         self.seconds = None
         if second_per_grid_ts is not None:
             self.seconds = torch.as_tensor(second_per_grid_ts, dtype=torch.float64).flatten().tolist()
@@ -844,6 +845,7 @@ class VisionSpans:
             raise ValueError(
                 f"{self.name} {self.used} has grid {grid} ({tokens} tokens) but its placeholder span has "
                 f"{run_length} <|{self.name}_pad|> tokens; was the text truncated or edited?"
+                + (" (Qwen3-VL writes each temporal patch of a video as a span of its own)" if self.per_frame else "")
             )
         seconds = self.seconds[self.used] if self.seconds is not None else 1.0
         self.used += 1

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from transformers import AttentionInterface
 
 from configuration_qwenvl import QwenVLConfig
-from modeling_qwenvl import QwenVLForConditionalGeneration, QwenVLModel, mrope_axes
+from modeling_qwenvl import QwenVLForConditionalGeneration, QwenVLModel, get_rope_index, mrope_axes
 from official_configs_qwen3 import OFFICIAL_QWEN3_CONFIGS, PARAMETER_COUNTS
 from tiny_qwen3 import IMAGE, VIDEO, builtin_inputs, left_pad, mm_token_types, pixels, reference_model, sequence
 
@@ -277,6 +277,22 @@ def test_interleaved_mrope_axes():
     assert mrope_axes([24, 20, 20], True).tolist() == [0, 1, 2] * 20 + [0] * 4
     assert mrope_axes([16, 24, 24], False).tolist() == [0] * 16 + [1] * 24 + [2] * 24
     assert mrope_axes([6, 5, 5], True).tolist() == [0, 1, 2] * 5 + [0]
+
+
+# ---- bad inputs --------------------------------------------------------------------------------------------------
+
+
+def test_a_video_written_as_one_span_is_refused_with_the_layout_named():
+    config = QwenVLConfig(**OFFICIAL_QWEN3_CONFIGS["Qwen3-VL-2B-Instruct"])
+    ids = torch.tensor([[5, 151652] + [151656] * 8 + [151653, 6]])  # two temporal patches in one span
+    with pytest.raises(ValueError, match="each temporal patch of a video as a span of its own"):
+        get_rope_index(config, ids, video_grid_thw=torch.tensor([[2, 4, 4]]))
+
+
+def test_more_deepstack_levels_than_decoder_layers_are_refused():
+    official = OFFICIAL_QWEN3_CONFIGS["Qwen3-VL-2B-Instruct"]
+    with pytest.raises(ValueError, match="3 DeepStack levels"):
+        QwenVLConfig(**dict(official, text_config=dict(official["text_config"], num_hidden_layers=2)))
 
 
 # ---- serving -----------------------------------------------------------------------------------------------------
