@@ -1259,7 +1259,8 @@ class QwenVLModel(QwenVLPreTrainedModel):
         """Merged vision tokens of each image. -> tuple of [tokens_i, hidden]
 
         With `return_dict=True` (how transformers 5 and vLLM's Transformers backend call it) the tuple comes as the
-        `pooler_output` of a `BaseModelOutputWithPooling`, as the built-in Qwen2.5-VL returns it."""
+        `pooler_output` of a `BaseModelOutputWithPooling`, as the built-in Qwen2.5-VL returns it. With DeepStack
+        (Qwen3-VL) each token carries its DeepStack levels after its own features (`split_deepstack`)."""
         return vision_output(self._vision_features(pixel_values, image_grid_thw), return_dict)
 
     def get_video_features(self, pixel_values_videos, video_grid_thw, return_dict=False, **kwargs):

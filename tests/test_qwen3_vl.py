@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,9 @@ from transformers import AttentionInterface
 from configuration_qwenvl import QwenVLConfig
 from modeling_qwenvl import QwenVLForConditionalGeneration, QwenVLModel, get_rope_index, mrope_axes
 from official_configs_qwen3 import OFFICIAL_QWEN3_CONFIGS, PARAMETER_COUNTS
-from tiny_qwen3 import IMAGE, VIDEO, builtin_inputs, left_pad, mm_token_types, pixels, reference_model, sequence
+from tiny_qwen3 import (
+    VIDEO, VISION_END, VISION_START, builtin_inputs, left_pad, mm_token_types, pixels, reference_model, sequence,
+)
 
 TOLERANCE = 2e-5  # float32 logits, the built-in of the same transformers line
 VARIANTS = ["dense", "moe"]
@@ -55,6 +56,14 @@ def video():
     return dict(input_ids=torch.tensor([ids]), pixel_values_videos=pv, video_grid_thw=grid)
 
 
+def video_outer_pair():
+    """transformers 5.x's processor layout: the same spans inside one more <|vision_start|> ... <|vision_end|>."""
+    inputs = video()
+    spans = sequence(("video", (3, 4, 4), [0.3, 1.3, 2.4]))
+    inputs["input_ids"] = torch.tensor([[5, 6, VISION_START] + spans + [VISION_END, 7, 8]])
+    return inputs
+
+
 def padded_batch():
     """Left padding; an image and a video interleaved, two images, text only."""
     samples = [
@@ -76,6 +85,7 @@ INPUTS = {
     "one image": one_image,
     "odd images": odd_images,
     "video": video,
+    "video, 5.x layout": video_outer_pair,
     "padded batch": padded_batch,
 }
 
@@ -104,7 +114,7 @@ def test_logits_match_the_builtin(pair, name):
     assert expected.abs().max() > 1.0  # the comparison bites
 
 
-@pytest.mark.parametrize("name", ["odd images", "video", "padded batch"])
+@pytest.mark.parametrize("name", ["odd images", "video", "video, 5.x layout", "padded batch"])
 def test_positions_match_the_builtin(pair, name):
     _, reference, ours, _ = pair
     inputs = INPUTS[name]()
