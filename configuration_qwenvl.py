@@ -13,6 +13,11 @@ Both official config.json shapes are read: the hub's flat text fields with
 `rope_scaling={"type": "mrope", ...}` and transformers 5's nested `text_config`
 with `rope_parameters`; Qwen2-VL's vision naming (`embed_dim`, `mlp_ratio`, `hidden_size`
 meaning the merger's output) is recognised by the presence of `embed_dim`.
+
+Qwen3-VL (dense and MoE) adds switches of its own, each off for the two families above: on the vision side
+`patch_embed_bias`, `num_position_embeddings` (the learned table), `deepstack_visual_indexes` and `text_timestamps`
+(video time written in the text); on the text side `head_dim`, `attention_bias`, `qk_norm`, `mrope_interleaved` and
+the MoE group (`num_experts` > 0, ...). Its official nested file is recognised by `model_type` `qwen3_vl*`.
 """
 
 import inspect
@@ -403,6 +408,12 @@ class QwenVLConfig(PretrainedConfig):
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})"
+            )
+        deepstack = self.vision_config.deepstack_visual_indexes or []
+        if len(deepstack) > self.num_hidden_layers:
+            raise ValueError(
+                f"{len(deepstack)} DeepStack levels (vision_config.deepstack_visual_indexes) need as many decoder "
+                f"layers to add them after, but num_hidden_layers is {self.num_hidden_layers}"
             )
         if self.text_config is None and (len(self.mrope_section) != 3 or 2 * sum(self.mrope_section) != self.head_dim):
             raise ValueError(

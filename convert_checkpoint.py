@@ -1,4 +1,4 @@
-"""Turn an official Qwen2-VL / Qwen2.5-VL checkpoint directory into a qwenvl model directory.
+"""Turn an official Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense or MoE) checkpoint directory into a qwenvl model directory.
 
     python convert_checkpoint.py --src Qwen2.5-VL-7B-Instruct --dst qwen25-vl-7b          # weights hard-linked
     python convert_checkpoint.py --src Qwen2.5-VL-7B-Instruct --dst qwen25-vl-7b --copy   # weights copied
@@ -11,7 +11,7 @@ The result loads anywhere, without this repo, with trust_remote_code=True:
 
 What DST receives:
   config.json             the official config read through QwenVLConfig (model_type qwenvl), with auto_map;
-                          the summary names its family (QwenVLConfig.family: qwen2_5_vl or qwen2_vl)
+                          the summary names its family (QwenVLConfig.family: qwen3_vl, qwen2_5_vl or qwen2_vl)
   *_qwenvl.py             the four code files
   tokenizer files         the source's if it has them, else this repo's (the same Qwen tokenizer);
                           tokenizer_config.json gets padding_side "left", which batched generate needs
@@ -22,7 +22,8 @@ What DST receives:
   LICENSE, README.md      copied when present: the weights' licence travels with them
   weights                 model.safetensors or the shards and model.safetensors.index.json, unchanged
 
-The weights are not rewritten: qwenvl renames the hub layout (model.layers.*, visual.*) while loading. They are
+The weights are not rewritten: qwenvl renames the hub layout (model.layers.*, visual.*; Qwen3-VL's linear_fc1 and
+merger.norm names) while loading, and Qwen3-VL MoE experts are stored as qwenvl holds them ([E, hidden, 2I]). They are
 hard-linked (no extra disk space; a symbolic link where SRC and DST are on different file systems) or, with
 --copy, copied. Nothing is loaded into memory: weight names and shapes are checked against the config from the
 safetensors headers alone.
@@ -51,7 +52,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 from configuration_qwenvl import AUTO_MAP, QwenVLConfig
 from image_processing_qwenvl import QwenVLImageProcessor
 from modeling_qwenvl import (
-    HUB_KEY_MAPPING, QwenVLForConditionalGeneration, check_layer_counts, is_qwen_vl_2023_directory, kimi_state_dict,
+    HUB_KEY_MAPPING, QWEN3_KEY_MAPPING, QwenVLForConditionalGeneration, check_layer_counts, is_qwen_vl_2023_directory, kimi_state_dict,
     qwen_vl_2023_generation_config, qwen_vl_2023_state_dict, read_checkpoint_tensors,
 )
 from processing_qwenvl import PROCESSOR_AUTO_MAP
@@ -59,7 +60,7 @@ from safetensors.torch import save_file
 from tools.build_qwen_vl_tokenizer import build as build_qwen_vl_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-OFFICIAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "kimi_vl")
+OFFICIAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "kimi_vl")
 CODE_FILES = ("configuration_qwenvl.py", "modeling_qwenvl.py", "processing_qwenvl.py", "image_processing_qwenvl.py")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
@@ -94,7 +95,7 @@ def read_json_object(path):
 
 
 def read_official_config(src):
-    """The source's config.json as a dict, refused unless it is a Qwen2-VL or Qwen2.5-VL one."""
+    """The source's config.json as a dict, refused unless it is a Qwen2-VL, Qwen2.5-VL or Qwen3-VL one."""
     if not os.path.isdir(src):
         raise ValueError(f"--src {src!r} is not a directory")
     path = os.path.join(src, "config.json")
@@ -105,7 +106,7 @@ def read_official_config(src):
     if model_type not in OFFICIAL_MODEL_TYPES:
         raise ValueError(
             f"{path} has model_type {model_type!r}; expected {' or '.join(OFFICIAL_MODEL_TYPES)} "
-            "(an official Qwen2-VL or Qwen2.5-VL checkpoint)"
+            "(an official Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint)"
         )
     return config
 
@@ -177,8 +178,8 @@ def stored_shapes(src, shards, weight_map):
 
 
 def canonical_name(name):
-    """The name a hub-layout weight gets on load (the first matching rule of HUB_KEY_MAPPING, as transformers does)."""
-    for pattern, replacement in HUB_KEY_MAPPING.items():
+    """The name a hub-layout weight gets on load (the first matching rule of the key mapping, as transformers does)."""
+    for pattern, replacement in {**HUB_KEY_MAPPING, **QWEN3_KEY_MAPPING}.items():
         renamed, count = re.subn(pattern, replacement, name)
         if count:
             return renamed

@@ -158,6 +158,9 @@ class QwenVLPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, (nn.Embedding, PositionTable)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, TextExperts):
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            nn.init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, (RMSNorm, nn.LayerNorm)):
             nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
@@ -944,6 +947,7 @@ class VisionSpans:
         self.grids = grid_thw.tolist() if grid_thw is not None else []
         if per_frame:  # each temporal patch is one span of its own, after its timestamp text (Qwen3-VL)
             self.grids = [[1, h, w] for t, h, w in self.grids for _ in range(t)]
+        self.per_frame = per_frame
         self.seconds = None
         if second_per_grid_ts is not None:
             self.seconds = torch.as_tensor(second_per_grid_ts, dtype=torch.float64).flatten().tolist()
@@ -972,6 +976,7 @@ class VisionSpans:
             raise ValueError(
                 f"{self.name} {self.used} has grid {grid} ({tokens} tokens) but its placeholder span has "
                 f"{run_length} <|{self.name}_pad|> tokens; was the text truncated or edited?"
+                + (" (Qwen3-VL writes each temporal patch of a video as a span of its own)" if self.per_frame else "")
             )
         seconds = self.seconds[self.used] if self.seconds is not None else 1.0
         self.used += 1
@@ -1027,19 +1032,20 @@ def text_positions(attention_mask, past_length, new_length, rope_deltas, device)
 # ======================================================================================================================
 
 
-def mrope_axes(mrope_section, interleaved):
-    """The axis (0 time, 1 height, 2 width) that turns each frequency pair, highest frequency first.
+def mrope_axes(mrope_section, interleaved, device=None):
+    """The axis (0 time, 1 height, 2 width) that turns each frequency pair, highest frequency first. -> [D/2] long
 
     Chunked (Qwen2/2.5-VL): the first `mrope_section[0]` pairs turn with time, the next with height, the last with
     width. Interleaved (Qwen3-VL, [24, 20, 20]): pairs cycle T H W, T H W, ... while each axis has pairs left, the
-    remainder turns with time, so every axis spans high and low frequencies."""
+    remainder turns with time, so every axis spans high and low frequencies. Made on `device` from arange: no
+    host-to-device copy on a decoding step."""
+    time, height, _ = mrope_section
+    pair = torch.arange(sum(mrope_section), device=device)
     if not interleaved:
-        return [axis for axis, count in enumerate(mrope_section) for _ in range(count)]
-    axes = []
-    for i in range(sum(mrope_section)):
-        axis = i % 3
-        axes.append(axis if axis and i < 3 * mrope_section[axis] else 0)
-    return axes
+        return (pair >= time).long() + (pair >= time + height).long()
+    axis = pair % 3
+    pairs_left = pair < 3 * torch.where(axis == 1, mrope_section[1], mrope_section[2])
+    return torch.where((axis > 0) & pairs_left, axis, 0)
 
 
 class MultimodalRotaryEmbedding(nn.Module):
@@ -1050,8 +1056,8 @@ class MultimodalRotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = config.head_dim
         self.theta = config.rope_theta
-        # a plain list, not a buffer: models are built on the meta device
-        self.axes = mrope_axes(list(config.mrope_section), config.mrope_interleaved)
+        self.mrope_section = list(config.mrope_section)  # a plain list, not a buffer: models are built on the meta device
+        self.interleaved = config.mrope_interleaved
 
     def forward(self, position_ids, dtype, ntk_alpha=None):  # position_ids: [3, B, L] -> 2 x [B, L, D]
         # Made on the positions' device: no host-to-device copy on a decoding step.
@@ -1060,7 +1066,8 @@ class MultimodalRotaryEmbedding(nn.Module):
         if ntk_alpha is not None:  # dynamic NTK: each sample's own base -> [B, 1, D/2]
             base = self.theta * ntk_alpha.double() ** (self.head_dim / (self.head_dim - 2))
             inv_freq = 1.0 / (base.float().to(exponents.device)[:, None, None] ** exponents)
-        positions = position_ids.float()[self.axes]  # [D/2, B, L]: each pair's axis
+        axes = mrope_axes(self.mrope_section, self.interleaved, position_ids.device)
+        positions = position_ids.float()[axes]  # [D/2, B, L]: each pair's axis
         angles = positions.permute(1, 2, 0) * inv_freq
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -1320,7 +1327,7 @@ class DeepStack(NamedTuple):
 
 
 class QwenVLTextModel(QwenVLPreTrainedModel):
-    """The Qwen2 decoder: embeddings [B, L, hidden] + positions [3, B, L] -> hidden states."""
+    """The Qwen2 / Qwen3 decoder: embeddings [B, L, hidden] + positions [3, B, L] -> hidden states."""
 
     _no_split_modules = ["TextDecoderLayer"]
     # Parallel plans, keyed relative to this model. transformers 5 reads a model class's own `_tp_plan`/`_pp_plan`
@@ -1450,7 +1457,8 @@ class QwenVLModel(QwenVLPreTrainedModel):
         """Merged vision tokens of each image. -> tuple of [tokens_i, hidden]
 
         With `return_dict=True` (how transformers 5 and vLLM's Transformers backend call it) the tuple comes as the
-        `pooler_output` of a `BaseModelOutputWithPooling`, as the built-in Qwen2.5-VL returns it."""
+        `pooler_output` of a `BaseModelOutputWithPooling`, as the built-in Qwen2.5-VL returns it. With DeepStack
+        (Qwen3-VL) each token carries its DeepStack levels after its own features (`split_deepstack`)."""
         return vision_output(self._vision_features(pixel_values, image_grid_thw), return_dict)
 
     def get_video_features(self, pixel_values_videos, video_grid_thw, return_dict=False, **kwargs):
@@ -1788,6 +1796,15 @@ def spans_per_sample(config, input_ids, token_id):
     return starts.sum(-1).tolist()
 
 
+def span_grids(config, kind, grid_thw):
+    """The grids of the placeholder spans of one modality. A Qwen3-VL video has a span per temporal patch; its pixel
+    rows come frame by frame, so it splits exactly into items of one frame each (which encode alike)."""
+    if kind != "video" or not config.vision_config.text_timestamps:
+        return grid_thw
+    frames = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
+    return torch.cat([torch.ones_like(frames[:, :1]), frames[:, 1:]], dim=1)
+
+
 def rows_of_items(grid_thw):
     """Start and end row of each item's patches in the packed pixel tensor."""
     ends = grid_thw.prod(-1).cumsum(0).tolist()
@@ -1803,6 +1820,7 @@ def vision_inputs_after(config, input_ids, past_length, kwargs):
         grid = kwargs.get(grid_name)
         if grid is None or kwargs.get(pixels_name) is None:
             continue
+        grid = span_grids(config, kind, grid)
         token_id = config.image_token_id if kind == "image" else config.video_token_id
         cached = spans_per_sample(config, input_ids[:, :past_length], token_id)
         total = spans_per_sample(config, input_ids, token_id)
@@ -1827,6 +1845,7 @@ def expand_vision_inputs(config, input_ids, vision, expand_size):
         grid = vision.get(grid_name)
         if grid is None:
             continue
+        grid = span_grids(config, kind, grid)
         token_id = config.image_token_id if kind == "image" else config.video_token_id
         order, first = [], 0
         for count in spans_per_sample(config, input_ids, token_id):

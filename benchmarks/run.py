@@ -1,4 +1,4 @@
-"""qwenvl against the built-in transformers Qwen2.5-VL, side by side in one process.
+"""qwenvl against the built-in transformers Qwen2.5-VL (and Qwen3-VL, dense and MoE), side by side in one process.
 
 Both models hold the same random weights (the built-in one is saved, ours loads that save) and see
 the same inputs. Each case alternates built-in and ours for several repetitions after a warm-up
@@ -250,6 +250,128 @@ def train_case(builtin, ours, repetitions):
         builtin.eval(), ours.eval()
 
 
+# --- Qwen3-VL ---------------------------------------------------------------------------------
+
+
+# The baseline's widths with Qwen3-VL's switches: 16 px patches with bias, the 48 x 48 position table, full attention
+# per frame, three DeepStack levels; a Qwen3 decoder (q/k norm, explicit head_dim, interleaved M-RoPE) and its MoE.
+QWEN3_VISION = dict(
+    depth=8, hidden_size=320, intermediate_size=864, num_heads=5, out_hidden_size=256, hidden_act="gelu_pytorch_tanh",
+    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=2304,
+    deepstack_visual_indexes=[1, 3, 5],
+)
+QWEN3_TEXT = dict(
+    vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=64, rope_theta=5e6, tie_word_embeddings=True,
+    rope_scaling={"rope_type": "default", "mrope_section": [12, 10, 10], "mrope_interleaved": True},
+)
+# Experts of 96 (hidden 256 is neither I nor 2I: transformers 5 would load square experts untransposed).
+QWEN3_MOE = dict(num_experts=32, num_experts_per_tok=4, moe_intermediate_size=96, decoder_sparse_step=1, mlp_only_layers=[])
+QWEN3_PATCH_ROW = 3 * 2 * 16 * 16
+
+
+def build_qwen3_models(directory, moe=False):
+    """The built-in Qwen3-VL (or Qwen3-VL MoE) with random weights, and ours loaded from its save."""
+    import transformers
+
+    from modeling_qwenvl import QwenVLForConditionalGeneration
+
+    torch.manual_seed(0)
+    if moe:
+        config = transformers.Qwen3VLMoeConfig(
+            text_config=dict(QWEN3_TEXT, **QWEN3_MOE), vision_config=dict(QWEN3_VISION), tie_word_embeddings=True
+        )
+        builtin = transformers.Qwen3VLMoeForConditionalGeneration(config).eval()
+    else:
+        config = transformers.Qwen3VLConfig(text_config=dict(QWEN3_TEXT), vision_config=dict(QWEN3_VISION), tie_word_embeddings=True)
+        builtin = transformers.Qwen3VLForConditionalGeneration(config).eval()
+    builtin.save_pretrained(directory)
+    return builtin, QwenVLForConditionalGeneration.from_pretrained(directory).eval()
+
+
+def qwen3_pixels(height, width, count=1, seed=0):
+    """Pixel rows of still images on Qwen3-VL's 16 px patches."""
+    g = torch.Generator().manual_seed(seed)
+    rows = (height // 16) * (width // 16)
+    frame = torch.randn(count * rows, 3, 1, 16 * 16, generator=g)
+    pixels = frame.expand(-1, -1, 2, -1).reshape(count * rows, QWEN3_PATCH_ROW).contiguous()
+    return pixels, torch.tensor([[1, height // 16, width // 16]] * count)
+
+
+def qwen3_vision_case(builtin, ours, pixels, grid, repetitions):
+    """The whole tower with its DeepStack mergers (the built-in returns them beside the main tokens)."""
+    with torch.no_grad():
+        return compare(
+            lambda: builtin.model.visual(pixels, grid_thw=grid), lambda: ours.model.visual(pixels, grid), repetitions
+        )
+
+
+def qwen3_prefill_case(builtin, ours, repetitions):
+    """One forward over a prompt with a 448 px image and some text: vision, DeepStack and the decoder."""
+    import transformers
+
+    pixels, grid = qwen3_pixels(448, 448)
+    ids = [151644, 872, 198, 151652] + [151655] * (int(grid.prod()) // 4) + [151653] + [3838, 374, 419, 30] * 16
+    inputs = dict(input_ids=torch.tensor([ids]), pixel_values=pixels, image_grid_thw=grid)
+    extra = {} if transformers.__version__.startswith("4.") else {"mm_token_type_ids": (inputs["input_ids"] == 151655).long()}
+    with torch.no_grad():
+        return compare(lambda: builtin(**inputs, **extra), lambda: ours(**inputs), repetitions)
+
+
+def qwen3_peak_memory_child(directory, which, implementation):
+    """Runs in a subprocess: the peak RSS increase (bytes) of one 1344 px Qwen3-VL vision forward."""
+    import transformers
+
+    from modeling_qwenvl import QwenVLForConditionalGeneration
+
+    torch.set_num_threads(2)
+    if which == "ours":
+        model = QwenVLForConditionalGeneration.from_pretrained(directory).eval()
+        model.model.visual.config._attn_implementation = implementation
+        run = lambda p, g: model.model.visual(p, g)  # noqa: E731
+    else:
+        model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+            directory, attn_implementation=implementation
+        ).eval()
+        run = lambda p, g: model.model.visual(p, grid_thw=g)  # noqa: E731
+    pixels, grid = qwen3_pixels(1344, 1344)
+    with torch.no_grad():
+        run(*qwen3_pixels(64, 64))
+        baseline = _rss()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+        run(pixels, grid)
+    print(json.dumps({"peak_increase": _vm("VmHWM") - baseline}))
+
+
+def qwen3_peak_memory(directory, which, implementation):
+    code = (
+        f"import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r});"
+        f"import run; run.qwen3_peak_memory_child({str(directory)!r}, {which!r}, {implementation!r})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_increase"]
+
+
+def qwen3_cases(record, repetitions):
+    """The Qwen3-VL lines: vision at 1344 px and on sixteen 256 px images, MoE prefill, eager peak memory."""
+    with tempfile.TemporaryDirectory() as directory:
+        builtin, ours = build_qwen3_models(directory)
+        b, o = qwen3_vision_case(builtin, ours, *qwen3_pixels(1344, 1344), repetitions)
+        record("qwen3 vision 1344 px (sdpa)", b, o, "s", "qwen3_vision_1344_speedup")
+        b, o = qwen3_vision_case(builtin, ours, *qwen3_pixels(256, 256, count=16), repetitions)
+        record("qwen3 vision 16 x 256 px images", b, o, "s", "qwen3_vision_multi_image_speedup")
+        del builtin, ours
+        builtin_sdpa = qwen3_peak_memory(directory, "builtin", "sdpa")
+        ours_eager = qwen3_peak_memory(directory, "ours", "eager")
+        record("qwen3 peak memory 1344 px, ours eager", builtin_sdpa / 2**20, ours_eager / 2**20, "MiB",
+               "qwen3_vision_eager_1344_peak_mem_ratio", ratio=ours_eager / builtin_sdpa)
+    with tempfile.TemporaryDirectory() as directory:
+        builtin, ours = build_qwen3_models(directory, moe=True)
+        b, o = qwen3_prefill_case(builtin, ours, repetitions)
+        record("qwen3 MoE prefill (448 px + text)", b, o, "s", "qwen3_moe_prefill_speedup")
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -297,6 +419,7 @@ def main():
                "vision_eager_1344_peak_mem_ratio", ratio=ours_eager / builtin_sdpa)
         record("peak memory 1344 px, ours sdpa", builtin_sdpa / 2**20, ours_sdpa / 2**20, "MiB",
                "vision_sdpa_1344_peak_mem_ratio", ratio=ours_sdpa / builtin_sdpa)
+    qwen3_cases(record, repetitions)
 
     print(f"{'case':34s} {'built-in':>10s} {'ours':>10s}  unit   ratio")
     for name, b, o, unit, ratio in rows:

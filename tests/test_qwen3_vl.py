@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +18,11 @@ from safetensors import safe_open
 from transformers import AttentionInterface
 
 from configuration_qwenvl import QwenVLConfig
-from modeling_qwenvl import QwenVLForConditionalGeneration, QwenVLModel, mrope_axes
+from modeling_qwenvl import QwenVLForConditionalGeneration, QwenVLModel, get_rope_index, mrope_axes
 from official_configs_qwen3 import OFFICIAL_QWEN3_CONFIGS, PARAMETER_COUNTS
-from tiny_qwen3 import IMAGE, VIDEO, builtin_inputs, left_pad, mm_token_types, pixels, reference_model, sequence
+from tiny_qwen3 import (
+    VIDEO, VISION_END, VISION_START, builtin_inputs, left_pad, mm_token_types, pixels, reference_model, sequence,
+)
 
 TOLERANCE = 2e-5  # float32 logits, the built-in of the same transformers line
 VARIANTS = ["dense", "moe"]
@@ -55,6 +56,14 @@ def video():
     return dict(input_ids=torch.tensor([ids]), pixel_values_videos=pv, video_grid_thw=grid)
 
 
+def video_outer_pair():
+    """transformers 5.x's processor layout: the same spans inside one more <|vision_start|> ... <|vision_end|>."""
+    inputs = video()
+    spans = sequence(("video", (3, 4, 4), [0.3, 1.3, 2.4]))
+    inputs["input_ids"] = torch.tensor([[5, 6, VISION_START] + spans + [VISION_END, 7, 8]])
+    return inputs
+
+
 def padded_batch():
     """Left padding; an image and a video interleaved, two images, text only."""
     samples = [
@@ -76,6 +85,7 @@ INPUTS = {
     "one image": one_image,
     "odd images": odd_images,
     "video": video,
+    "video, 5.x layout": video_outer_pair,
     "padded batch": padded_batch,
 }
 
@@ -104,7 +114,7 @@ def test_logits_match_the_builtin(pair, name):
     assert expected.abs().max() > 1.0  # the comparison bites
 
 
-@pytest.mark.parametrize("name", ["odd images", "video", "padded batch"])
+@pytest.mark.parametrize("name", ["odd images", "video", "video, 5.x layout", "padded batch"])
 def test_positions_match_the_builtin(pair, name):
     _, reference, ours, _ = pair
     inputs = INPUTS[name]()
@@ -137,6 +147,17 @@ def test_greedy_tokens_with_and_without_cache_and_as_the_builtin(pair):
         uncached = ours.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
         builtin = reference.generate(**builtin_inputs(inputs), max_new_tokens=6, do_sample=False)
     assert cached.tolist() == uncached.tolist() == builtin.tolist()
+
+
+def test_beam_search_repeats_video_frames_per_sample(pair):
+    """Beams repeat each sample's vision items; a Qwen3-VL video is counted by its spans, one per temporal patch."""
+    _, reference, ours, _ = pair
+    inputs = padded_batch()
+    options = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    with torch.no_grad():
+        got = ours.generate(**inputs, **options)
+        expected = reference.generate(**builtin_inputs(inputs), **options)
+    assert got.tolist() == expected.tolist()
 
 
 def test_deepstack_changes_the_logits(pair):
@@ -221,6 +242,23 @@ def test_saved_in_the_hub_layout_and_reloaded(pair, tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1]) == expected_tokens.tolist()
 
 
+def test_official_folder_converts_and_loads(pair, tmp_path):
+    """An official-layout folder (hub names, experts [E, hidden, 2I], nested config.json) through convert_checkpoint.py
+    gives the built-in's logits."""
+    import convert_checkpoint
+
+    _, reference, ours, directory = pair
+    official = tmp_path / "official"
+    ours.save_pretrained(official)  # the hub layout
+    (official / "config.json").write_text((directory / "config.json").read_text())  # the official nested config
+    written = convert_checkpoint.convert(str(official), str(tmp_path / "converted"))
+    assert "family qwen3_vl" in written["config.json"]
+    converted = QwenVLForConditionalGeneration.from_pretrained(tmp_path / "converted").eval()
+    inputs = video()
+    expected = logits_of(reference, builtin_inputs(inputs))
+    assert (logits_of(converted, inputs) - expected).abs().max() < TOLERANCE
+
+
 def test_auto_model_loads_the_body(pair):
     _, reference, _, directory = pair
     body = QwenVLModel.from_pretrained(directory)
@@ -246,8 +284,25 @@ def test_official_parameter_counts(name):
 
 def test_interleaved_mrope_axes():
     """[24, 20, 20]: T H W repeated 20 times, then T for the last four pairs (spec 1.3); chunked for Qwen2/2.5."""
-    assert mrope_axes([24, 20, 20], True) == [0, 1, 2] * 20 + [0] * 4
-    assert mrope_axes([16, 24, 24], False) == [0] * 16 + [1] * 24 + [2] * 24
+    assert mrope_axes([24, 20, 20], True).tolist() == [0, 1, 2] * 20 + [0] * 4
+    assert mrope_axes([16, 24, 24], False).tolist() == [0] * 16 + [1] * 24 + [2] * 24
+    assert mrope_axes([6, 5, 5], True).tolist() == [0, 1, 2] * 5 + [0]
+
+
+# ---- bad inputs --------------------------------------------------------------------------------------------------
+
+
+def test_a_video_written_as_one_span_is_refused_with_the_layout_named():
+    config = QwenVLConfig(**OFFICIAL_QWEN3_CONFIGS["Qwen3-VL-2B-Instruct"])
+    ids = torch.tensor([[5, 151652] + [151656] * 8 + [151653, 6]])  # two temporal patches in one span
+    with pytest.raises(ValueError, match="each temporal patch of a video as a span of its own"):
+        get_rope_index(config, ids, video_grid_thw=torch.tensor([[2, 4, 4]]))
+
+
+def test_more_deepstack_levels_than_decoder_layers_are_refused():
+    official = OFFICIAL_QWEN3_CONFIGS["Qwen3-VL-2B-Instruct"]
+    with pytest.raises(ValueError, match="3 DeepStack levels"):
+        QwenVLConfig(**dict(official, text_config=dict(official["text_config"], num_hidden_layers=2)))
 
 
 # ---- serving -----------------------------------------------------------------------------------------------------
