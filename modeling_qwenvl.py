@@ -1635,11 +1635,12 @@ def is_qwen_vl_2023_directory(directory):
     """Whether `directory` is an original Qwen-VL / Qwen-VL-Chat folder (config.json with model_type "qwen" and a
     `visual` dict)."""
     path = os.path.join(str(directory), "config.json")
-    if not os.path.isfile(path):
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, ValueError):  # no such folder or file, or not JSON: not one (the caller's own reading says why)
         return False
-    with open(path) as file:
-        config = json.load(file)
-    return config.get("model_type") == "qwen" and "visual" in config
+    return isinstance(config, dict) and config.get("model_type") == "qwen" and "visual" in config
 
 
 def qwen_vl_2023_state_dict(tensors, config):
