@@ -203,7 +203,7 @@ class QwenVLVisionConfig(PretrainedConfig):
             check_sizes("vision_config", self, "num_queries")
             if math.isqrt(self.num_queries) ** 2 != self.num_queries:
                 raise ValueError(f"vision_config.num_queries ({self.num_queries}) must be a square number (a 2-D grid)")
-            if self.out_hidden_size % RESAMPLER_HEAD_DIM or self.out_hidden_size % 4:
+            if self.out_hidden_size % RESAMPLER_HEAD_DIM:
                 raise ValueError(
                     f"vision_config.out_hidden_size ({self.out_hidden_size}) must be a multiple of "
                     f"{RESAMPLER_HEAD_DIM}: the Resampler has heads of that size"

@@ -57,6 +57,8 @@ GROUNDING_EXAMPLES = {
     "qwen2_vl": "<|object_ref_start|>red triangle<|object_ref_end|><|box_start|>(393,65),(643,315)<|box_end|>, "
     "<|object_ref_start|>yellow square<|object_ref_end|><|box_start|>(54,77),(244,268)<|box_end|> and "
     "<|object_ref_start|>blue circle<|object_ref_end|><|box_start|>(405,690),(655,940)<|box_end|>",
+    "qwen_vl": "<ref>red triangle</ref><box>(393,65),(643,315)</box>, <ref>yellow square</ref><box>(54,77),(244,268)</box>"
+    " and <ref>blue circle</ref><quad>(530,690),(655,815),(530,940),(405,815)</quad>",
 }
 CHAT_HELP = "commands: /image PATH, /video PATH (added to your next message), /reset, /quit"
 # What one chat turn may fail with while the chat goes on: the errors of the processor's and model's contract

@@ -17,6 +17,10 @@ Qwen2-VL writes special tokens, with coordinates in [0, 1000) of the image's wid
 
 Those markers are special tokens: decode the answer with `skip_special_tokens=False`, or they are gone.
 
+Qwen-VL (2023) writes the same coordinates with its own tags, and may give a quadrilateral instead of a box:
+
+    <ref>cat</ref><box>(x1,y1),(x2,y2)</box>    <ref>sign</ref><quad>(x1,y1),(x2,y2),(x3,y3),(x4,y4)</quad>
+
 What is an error: text without any grounding (no "bbox_2d" / "point_2d", no `<|box_start|>`) gives an empty list,
 because a model may rightly answer in words; text that has grounding which cannot be read (invalid or truncated JSON,
 a box without four numbers, an unclosed `<|box_start|>`) raises ValueError saying what is wrong, so a bad answer is
@@ -26,8 +30,8 @@ never mistaken for "nothing found".
     objects = ground(answer, model.config.family, image.size, image_grid_thw=inputs["image_grid_thw"])
     draw_boxes(image, objects).save("grounded.png")
 
-`family` is the config's: "qwen2_5_vl" (Qwen2.5-VL), "qwen3_vl" (Qwen3-VL, dense and MoE) or "qwen2_vl" (Qwen2-VL).
-Sizes are (width, height), as PIL's `Image.size`.
+`family` is the config's: "qwen2_5_vl" (Qwen2.5-VL), "qwen3_vl" (Qwen3-VL, dense and MoE), "qwen2_vl" (Qwen2-VL) or
+"qwen_vl" (Qwen-VL 2023). Sizes are (width, height), as PIL's `Image.size`.
 """
 
 import bisect
@@ -50,8 +54,9 @@ except ImportError:
 QWEN25 = "qwen2_5_vl"
 QWEN2 = "qwen2_vl"
 QWEN3 = "qwen3_vl"
-FAMILIES = (QWEN25, QWEN2, QWEN3)
-QWEN2_SCALE = 1000  # Qwen2-VL's and Qwen3-VL's coordinates are 0..1000 of each side
+QWEN_VL = "qwen_vl"
+FAMILIES = (QWEN25, QWEN2, QWEN3, QWEN_VL)
+QWEN2_SCALE = 1000  # Qwen2-VL's, Qwen3-VL's and Qwen-VL's coordinates are 0..1000 of each side
 GROUNDING_KEYS = ("bbox_2d", "point_2d")
 GROUNDING_KEY = re.compile(r"\b(?:bbox_2d|point_2d)\b")
 JSON_START = re.compile(r"[\[{]")
@@ -70,16 +75,22 @@ QWEN2_CLOSING = {"object_ref": "<|object_ref_end|>", "box": "<|box_end|>"}
 ADJACENT = re.compile(r"[\s,;]*")
 NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 QWEN2_BOX = re.compile(rf"^\s*\({NUMBER},{NUMBER}\)\s*,\s*\({NUMBER},{NUMBER}\)\s*$")
+# Qwen-VL (2023)'s tags: a reference, a box (two corners) or a quadrilateral (four corners), in [0, 1000).
+QWEN_VL_OPENING = re.compile(r"<(?P<kind>ref|box|quad)>")
+QWEN_VL_CLOSING = {"ref": "</ref>", "box": "</box>", "quad": "</quad>"}
+QWEN_VL_QUAD = re.compile(rf"^\s*\({NUMBER},{NUMBER}\)\s*,\s*\({NUMBER},{NUMBER}\)\s*,\s*\({NUMBER},{NUMBER}\)\s*,\s*\({NUMBER},{NUMBER}\)\s*$")
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230))
 
 
 @dataclass(frozen=True)
 class GroundedObject:
-    """One grounded object: a box (x1, y1, x2, y2) with x1 <= x2 and y1 <= y2, and/or a point (x, y)."""
+    """One grounded object: a box (x1, y1, x2, y2) with x1 <= x2 and y1 <= y2, and/or a point (x, y); a
+    quadrilateral (Qwen-VL 2023) has its four corners ((x, y), ...) in `quad` and their bounding box in `box`."""
 
     label: str
     box: Optional[tuple] = None
     point: Optional[tuple] = None
+    quad: Optional[tuple] = None
 
 
 # ---- reading model output ----------------------------------------------------------------------------------------
@@ -130,9 +141,43 @@ def parse_qwen2(text):
     return objects
 
 
+def parse_qwen_vl(text):
+    """Qwen-VL (2023)'s `<ref>label</ref><box>(x1,y1),(x2,y2)</box>` and `<quad>` (four corners) grounding, in its
+    own coordinates ([0, 1000)); boxes and quads take their labels as parse_qwen2's boxes do. The tags are special
+    tokens: decode with `skip_special_tokens=False`."""
+    _check_text(text)
+    for kind in ("box", "quad"):
+        if text.count(f"<{kind}>") != text.count(f"</{kind}>"):
+            raise ValueError(f"the answer has an unclosed <{kind}> (truncated output?): {_excerpt(text)}")
+    objects, label, previous_end = [], "", 0
+    for kind, inside, start, end in _qwen2_markup(text, QWEN_VL_OPENING, QWEN_VL_CLOSING):
+        if not ADJACENT.fullmatch(text, previous_end, start):
+            label = ""
+        previous_end = end
+        if kind == "ref":
+            label = inside.strip()
+        elif kind == "box":
+            corners = QWEN2_BOX.match(inside)
+            if corners is None:
+                raise ValueError(f"a Qwen-VL box must read (x1,y1),(x2,y2), got {_excerpt(inside)}")
+            objects.append(GroundedObject(label, box=_ordered_box([float(v) for v in corners.groups()])))
+        else:
+            corners = QWEN_VL_QUAD.match(inside)
+            if corners is None:
+                raise ValueError(f"a Qwen-VL quad must read (x1,y1),(x2,y2),(x3,y3),(x4,y4), got {_excerpt(inside)}")
+            values = [float(v) for v in corners.groups()]
+            quad = tuple(zip(values[0::2], values[1::2]))
+            box = (min(values[0::2]), min(values[1::2]), max(values[0::2]), max(values[1::2]))
+            objects.append(GroundedObject(label, box=box, quad=quad))
+    if len(objects) != text.count("<box>") + text.count("<quad>"):
+        raise ValueError(f"a <box> or <quad> is not followed by its closing tag: {_excerpt(text)}")
+    return objects
+
+
 def parse_grounding(text, family):
     """The objects in a model answer, in the model's coordinates; `family` is `model.config.family`."""
-    return parse_qwen2(text) if _check_family(family) == QWEN2 else parse_qwen25(text)
+    parse = {QWEN25: parse_qwen25, QWEN3: parse_qwen25, QWEN2: parse_qwen2, QWEN_VL: parse_qwen_vl}
+    return parse[_check_family(family)](text)
 
 
 # ---- mapping to the original image -------------------------------------------------------------------------------
@@ -156,7 +201,7 @@ def to_original_pixels(objects, family, original_size, resized_size=None):
     """Map objects from the model's coordinates to pixels of the original image, clamped to the image.
 
     Qwen2.5-VL's coordinates are pixels of the resized image, so `resized_size` (width, height) is needed;
-    Qwen2-VL's and Qwen3-VL's are 0..1000 of each side, so it is not used there.
+    Qwen2-VL's, Qwen3-VL's and Qwen-VL's are 0..1000 of each side, so it is not used there.
     """
     width, height = _check_size(original_size, "original_size")
     if _check_family(family) == QWEN25:
@@ -179,7 +224,8 @@ def to_original_pixels(objects, family, original_size, resized_size=None):
             raise TypeError(f"objects must be GroundedObject items, got {type(item).__name__}")
         box = (x(item.box[0]), y(item.box[1]), x(item.box[2]), y(item.box[3])) if item.box else None
         point = (x(item.point[0]), y(item.point[1])) if item.point else None
-        mapped.append(GroundedObject(item.label, box=box, point=point))
+        quad = tuple((x(cx), y(cy)) for cx, cy in item.quad) if item.quad else None
+        mapped.append(GroundedObject(item.label, box=box, point=point, quad=quad))
     return mapped
 
 
@@ -216,7 +262,9 @@ def draw_boxes(image, objects, line_width=None):
         if not isinstance(item, GroundedObject):
             raise TypeError(f"objects must be GroundedObject items, got {type(item).__name__}")
         colour = colours.setdefault(item.label, PALETTE[len(colours) % len(PALETTE)])
-        if item.box:
+        if item.quad:
+            draw.polygon(item.quad, outline=colour, width=line_width)
+        elif item.box:
             draw.rectangle(item.box, outline=colour, width=line_width)
         if item.point:
             radius = 2 * line_width + 1
@@ -351,16 +399,16 @@ def _grounding_dicts(values):
             yield value
 
 
-def _qwen2_markup(text):
-    """Each object reference and box in `text`, in order, as (kind, what is inside, start, end): from an opening
+def _qwen2_markup(text, opening_pattern=QWEN2_OPENING, closing_markers=QWEN2_CLOSING):
+    """Each object reference and box in `text` (Qwen-VL's tags with its patterns), in order, as (kind, what is inside, start, end): from an opening
     marker to the first closing marker of its kind after it; an opening marker that is never closed is plain text.
 
     What the regex `<|object_ref_start|>(.*?)<|object_ref_end|>|<|box_start|>(.*?)<|box_end|>` finds, in linear
     time: that regex reads to the end of the text again for every opening marker that is never closed.
     """
-    closings = {kind: [m.start() for m in re.finditer(re.escape(marker), text)] for kind, marker in QWEN2_CLOSING.items()}
+    closings = {kind: [m.start() for m in re.finditer(re.escape(marker), text)] for kind, marker in closing_markers.items()}
     position = 0
-    for opening in QWEN2_OPENING.finditer(text):
+    for opening in opening_pattern.finditer(text):
         if opening.start() < position:
             continue  # inside the previous reference or box
         kind = opening.group("kind")
@@ -368,7 +416,7 @@ def _qwen2_markup(text):
         if later == len(closings[kind]):
             continue  # never closed
         closing = closings[kind][later]
-        position = closing + len(QWEN2_CLOSING[kind])
+        position = closing + len(closing_markers[kind])
         yield kind, text[opening.end():closing], opening.start(), position
 
 
@@ -406,8 +454,8 @@ def _check_text(text):
 def _check_family(family):
     if family not in FAMILIES:
         raise ValueError(
-            f"family must be '{QWEN25}' (Qwen2.5-VL), '{QWEN3}' (Qwen3-VL) or '{QWEN2}' (Qwen2-VL), as "
-            f"model.config.family says; got {family!r}"
+            f"family must be '{QWEN25}' (Qwen2.5-VL), '{QWEN3}' (Qwen3-VL), '{QWEN2}' (Qwen2-VL) or '{QWEN_VL}' "
+            f"(Qwen-VL 2023), as model.config.family says; got {family!r}"
         )
     return family
 
@@ -434,6 +482,7 @@ __all__ = [
     "GroundedObject",
     "parse_qwen25",
     "parse_qwen2",
+    "parse_qwen_vl",
     "parse_grounding",
     "resized_size_from_grid",
     "to_original_pixels",

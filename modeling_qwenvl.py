@@ -2051,10 +2051,8 @@ QWEN_VL_2023_RENAMES = tuple(
         (r"^lm_head\.", "lm_head."),
     )
 )
-QWEN_VL_2023_FUSED_QKV = (  # [q; k; v] rows, split into three Linears
-    (re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)$"), r"model.language_model.layers.\1.self_attn.{}_proj.\2"),
-    (re.compile(r"^transformer\.visual\.attn_pool\.attn\.in_proj_(weight|bias)$"), r"model.visual.merger.{}_proj.\1"),
-)
+# Fused [q; k; v] rows (the decoder's c_attn, the Resampler's attention), split into three Linears.
+QWEN_VL_2023_FUSED_QKV = re.compile(r"^transformer\.(?:h\.(\d+)\.attn\.c_attn\.|visual\.attn_pool\.attn\.in_proj_)(weight|bias)$")
 QWEN_VL_2023_VIT_QKV = re.compile(r"^transformer\.visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj\.(weight|bias)$")
 
 
@@ -2062,11 +2060,12 @@ def is_qwen_vl_2023_directory(directory):
     """Whether `directory` is an original Qwen-VL / Qwen-VL-Chat folder (config.json with model_type "qwen" and a
     `visual` dict)."""
     path = os.path.join(str(directory), "config.json")
-    if not os.path.isfile(path):
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, ValueError):  # no such folder or file, or not JSON: not one (the caller's own reading says why)
         return False
-    with open(path) as file:
-        config = json.load(file)
-    return config.get("model_type") == "qwen" and "visual" in config
+    return isinstance(config, dict) and config.get("model_type") == "qwen" and "visual" in config
 
 
 def qwen_vl_2023_state_dict(tensors, config):
@@ -2076,11 +2075,11 @@ def qwen_vl_2023_state_dict(tensors, config):
     heads = config.vision_config.num_heads
     converted, unknown = {}, []
     for name, tensor in tensors.items():
-        fused = [(pattern.match(name), target) for pattern, target in QWEN_VL_2023_FUSED_QKV]
-        fused = next(((match, target) for match, target in fused if match), None)
-        if fused:
+        if match := QWEN_VL_2023_FUSED_QKV.match(name):
+            layer, kind = match.groups()
+            prefix = f"model.language_model.layers.{layer}.self_attn." if layer else "model.visual.merger."
             for part, piece in zip("qkv", tensor.chunk(3)):
-                converted[fused[0].expand(fused[1].format(part))] = piece.contiguous()
+                converted[f"{prefix}{part}_proj.{kind}"] = piece.contiguous()
         elif match := QWEN_VL_2023_VIT_QKV.match(name):
             per_head = tensor.unflatten(0, (heads, 3, -1)).transpose(0, 1).flatten(0, 2)
             converted[match.expand(r"model.visual.blocks.\1.attn.qkv.\2")] = per_head.contiguous()

@@ -444,3 +444,32 @@ def test_bad_official_configs_are_refused():
         QwenVLConfig(**dict(official, kv_channels=64))
     with pytest.raises(ValueError, match="rotary_pct"):
         QwenVLConfig(**dict(official, rotary_pct=0.5))
+
+
+# ---- grounding ------------------------------------------------------------------------------------------------------
+
+
+def test_grounding_boxes_and_quads_in_the_original_picture():
+    from grounding_qwenvl import draw_boxes, ground
+
+    answer = "<ref>the red circle</ref><box>(133,150),(433,600)</box> and <ref>a sign</ref><quad>(100,100),(300,120),(290,400),(90,380)</quad>"
+    objects = ground(answer, "qwen_vl", (300, 200))
+    assert [o.label for o in objects] == ["the red circle", "a sign"]
+    assert objects[0].box == pytest.approx((39.9, 30.0, 129.9, 120.0))  # x / 1000 * width, y / 1000 * height
+    assert sum(objects[1].quad, ()) == pytest.approx((30.0, 20.0, 90.0, 24.0, 87.0, 80.0, 27.0, 76.0))
+    assert objects[1].box == pytest.approx((27.0, 20.0, 90.0, 80.0))
+    assert draw_boxes(Image.new("RGB", (300, 200)), objects).getpixel((30, 20)) != (0, 0, 0)
+    assert ground("no objects here", "qwen_vl", (300, 200)) == []
+    with pytest.raises(ValueError, match="unclosed <box>"):
+        ground("<ref>x</ref><box>(1,2),(3,4)", "qwen_vl", (300, 200))
+    with pytest.raises(ValueError, match="quad must read"):
+        ground("<quad>(1,2),(3,4)</quad>", "qwen_vl", (300, 200))
+
+
+def test_demo_draws_a_qwen_vl_answer(converted, tmp_path, capsys):
+    import demo
+
+    demo.main(["--ground", "--model", str(converted), "--out", str(tmp_path / "grounded.png")])
+    printed = capsys.readouterr().out
+    assert "family qwen_vl" in printed and "3 object(s) drawn" in printed
+    assert Image.open(tmp_path / "grounded.png").size == (168, 168)
