@@ -439,3 +439,61 @@ def test_saved_folder_pushes_and_loads_in_a_fresh_process(loaded, golden, hub, t
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+# ---- transformers 5.24's Kimi_K25 (same MoonViT for images, same projector) on inputs the goldens lack -------------
+
+
+@pytest.fixture(scope="module")
+def k25(tmp_path_factory, meta):
+    """Kimi_K25ForConditionalGeneration holding the golden weights: its conversion reads the original names, all but
+    the projector's (K2.5 calls it mm_projector.{pre_norm, proj.0, proj.2})."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Kimi_K25ForConditionalGeneration"):
+        pytest.skip("this transformers has no Kimi_K25 (4.57)")
+    folder = tmp_path_factory.mktemp("k25")
+    vision = meta["config"]["vision_config"]
+    config = transformers.Kimi_K25Config(
+        vision_config=dict(
+            patch_size=vision["patch_size"], pos_emb_height=vision["init_pos_emb_height"],
+            pos_emb_width=vision["init_pos_emb_width"], num_attention_heads=vision["num_attention_heads"],
+            num_hidden_layers=vision["num_hidden_layers"], hidden_size=vision["hidden_size"],
+            intermediate_size=vision["intermediate_size"], merge_kernel_size=vision["merge_kernel_size"],
+        ),
+        text_config=meta["config"]["text_config"], projection_hidden_size=vision["hidden_size"],
+        image_token_id=meta["config"]["media_placeholder_token_id"], tie_word_embeddings=False,
+    )
+    config.save_pretrained(folder)
+    renamed = {"multi_modal_projector.linear_1.": "mm_projector.proj.0.", "multi_modal_projector.linear_2.": "mm_projector.proj.2.",
+               "multi_modal_projector.pre_norm.": "mm_projector.pre_norm."}
+    weights = {}
+    for name, tensor in load_file(GOLDEN / "weights.safetensors").items():
+        for old, new in renamed.items():
+            name = name.replace(old, new)
+        weights[name] = tensor
+    save_file(weights, folder / "model.safetensors")
+    return transformers.Kimi_K25ForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa").eval()
+
+
+def odd_images():
+    g = torch.Generator().manual_seed(20)
+    return [torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy() for h, w in ((45, 97), (131, 29), (75, 75))]
+
+
+def test_matches_kimi_k25_on_odd_images_and_a_left_padded_batch(model, k25, meta):
+    pixels = kimi_image_processor(64)(images=odd_images(), return_tensors="pt")
+    hws = pixels["image_grid_hws"]
+    tokens = (hws.prod(-1) // 4).tolist()
+    pad, image = 0, meta["config"]["media_placeholder_token_id"]
+    samples = [[5, 6] + [image] * tokens[0] + [7] + [image] * tokens[1] + [8, 9], [10] + [image] * tokens[2] + [11, 12, 13]]
+    length = max(map(len, samples))
+    input_ids = torch.tensor([[pad] * (length - len(s)) + s for s in samples])
+    attention_mask = (torch.arange(length) >= torch.tensor([length - len(s) for s in samples])[:, None]).long()
+    with torch.no_grad():
+        ours = model(input_ids=input_ids, attention_mask=attention_mask, **pixels).logits
+        first_row = [0, int(hws[:2].prod(-1).sum()), int(hws.prod(-1).sum())]  # sample 0 has images 0, 1; sample 1 has 2
+        for b, (sample, images) in enumerate(zip(samples, ([0, 1], [2]))):  # each sample alone, unpadded, in the built-in
+            grid_thw = torch.cat([torch.ones(len(images), 1, dtype=torch.long), hws[images]], dim=1)
+            rows = pixels["pixel_values"][first_row[b] : first_row[b + 1]]
+            reference = k25(input_ids=torch.tensor([sample]), pixel_values=rows, image_grid_thw=grid_thw).logits
+            assert max_diff(ours[b, length - len(sample) :], reference[0]) < TOLERANCE
