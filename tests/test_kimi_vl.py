@@ -497,3 +497,16 @@ def test_matches_kimi_k25_on_odd_images_and_a_left_padded_batch(model, k25, meta
             rows = pixels["pixel_values"][first_row[b] : first_row[b + 1]]
             reference = k25(input_ids=torch.tensor([sample]), pixel_values=rows, image_grid_thw=grid_thw).logits
             assert max_diff(ours[b, length - len(sample) :], reference[0]) < TOLERANCE
+
+
+def test_auto_model_loads_the_body_of_a_converted_folder(converted, loaded, golden):
+    from transformers import AutoModel
+
+    body = AutoModel.from_pretrained(converted, trust_remote_code=True).eval()
+    model, _ = loaded
+    rows, grid_thw = golden_vision_inputs(golden)
+    with torch.no_grad():
+        features = body.get_image_features(rows, grid_thw)
+    assert type(body).__name__ == "QwenVLModel"
+    assert max_diff(torch.cat(features), golden["projector_out"]) < TOLERANCE
+    assert torch.equal(body.language_model.norm.weight, model.model.language_model.norm.weight)
