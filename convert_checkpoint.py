@@ -558,6 +558,7 @@ def kimi_tokenizer(src):
         tokenizer_object=tiktoken_as_tokenizer(ranks, KIMI_PATTERN, specials),
         chat_template=template or KIMI_CHAT_TEMPLATE,
         padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],  # 4.x's base class would add token_type_ids
         **roles,
     )
 

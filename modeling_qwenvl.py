@@ -1429,6 +1429,12 @@ class QwenVLModel(QwenVLPreTrainedModel):
 
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # loading the body of a checkpoint that has a head
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Also loads Kimi-VL's official layout (the body alone: its head is left out)."""
+        kwargs.setdefault("key_mapping", KIMI_BODY_KEY_MAPPING)
+        return super().from_pretrained(*args, **kwargs)
+
     def __init__(self, config):
         super().__init__(config)
         refuse_engine_without_deepstack(config)
@@ -1930,6 +1936,7 @@ def name_pattern(prefix):
 
 
 KIMI_KEY_MAPPING = {name_pattern(official): ours.replace("{}", r"\1") for official, ours in KIMI_NAMES}
+KIMI_BODY_KEY_MAPPING = {pattern: target.removeprefix("model.") for pattern, target in KIMI_KEY_MAPPING.items()}
 KIMI_SAVE_MAPPING = {re.compile(name_pattern(ours)): official.replace("{}", r"\1") for official, ours in KIMI_NAMES}
 
 

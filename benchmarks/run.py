@@ -375,6 +375,43 @@ def qwen3_cases(record, repetitions):
 # --- main -------------------------------------------------------------------------------------
 
 
+def kimi_vision_case(repetitions):
+    """Kimi-VL's MoonViT + projector (full width 1152, 4 of its 27 blocks) against transformers' Kimi_K25 vision
+    tower + projector (the same maths for images), at 1344 px and for 8 images of 448 px; None without Kimi_K25
+    (transformers 4.57). Random weights: the times do not depend on them."""
+    import transformers
+
+    from configuration_qwenvl import QwenVLVisionConfig
+    from modeling_qwenvl import QwenVLVisionModel
+
+    if not hasattr(transformers, "Kimi_K25Config"):
+        return None
+    from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25MultimodalProjection, Kimi_K25VisionModel
+
+    moonvit = dict(num_hidden_layers=4, num_attention_heads=16, hidden_size=1152, intermediate_size=4304, patch_size=14)
+    config = transformers.Kimi_K25Config(
+        vision_config=dict(moonvit, pos_emb_height=64, pos_emb_width=64, merge_kernel_size=[2, 2]),
+        text_config=dict(model_type="deepseek_v3", hidden_size=2048), projection_hidden_size=1152,
+    )
+    config.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    builtin = Kimi_K25VisionModel(config.vision_config).eval()
+    projector = Kimi_K25MultimodalProjection(config).eval()
+    ours = QwenVLVisionModel(QwenVLVisionConfig(model_type="moonvit", out_hidden_size=2048, **moonvit)).eval()
+    ours.config._attn_implementation = "sdpa"
+    times = []
+    for side, count in ((1344, 1), (448, 8)):
+        g = torch.Generator().manual_seed(0)
+        rows = (side // 14) ** 2 * count
+        pixels = torch.randn(rows, 3, 14, 14, generator=g)
+        grid = torch.tensor([[1, side // 14, side // 14]] * count)
+        with torch.no_grad():
+            times.append(compare(
+                lambda: projector(builtin(pixels, grid).pooler_output), lambda: ours(pixels.flatten(1), grid), repetitions
+            ))
+    return times
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (about 2-3 minutes)")
@@ -411,6 +448,10 @@ def main():
         record("generate decode", bd, od, "tok/s", "generate_decode_speedup", ratio=od / bd)
         b, o = train_case(builtin, ours, repetitions)
         record("train step (answers labelled)", b, o, "s", "train_step_speedup")
+        kimi = kimi_vision_case(repetitions)
+        if kimi is not None:  # transformers 5.x: against Kimi_K25
+            record("kimi vision 1344 px vs Kimi_K25", *kimi[0], "s", "kimi_vision_1344_speedup")
+            record("kimi vision 8 x 448 px vs Kimi_K25", *kimi[1], "s", "kimi_vision_8_images_speedup")
         del builtin, ours
         builtin_sdpa = peak_memory(directory, "builtin", "sdpa")
         ours_eager = peak_memory(directory, "ours", "eager")

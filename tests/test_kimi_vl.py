@@ -268,7 +268,7 @@ CORPUS = (
 ) * 4
 SPECIAL_NAMES = {0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>",
                  10: "<|im_system|>", 17: "<|im_middle|>", 18: "<|media_start|>", 19: "<|media_content|>",
-                 20: "<|media_end|>", 21: "<|media_pad|>"}
+                 20: "<|media_end|>", 21: "<|media_pad|>", 30: "[PAD]"}  # [PAD] moved inside the tiny model's vocabulary
 
 
 def train_ranks(text, merges):
@@ -302,7 +302,7 @@ def write_tiktoken_checkpoint_files(folder, ranks):
     lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in ranks.items()]
     (folder / "tiktoken.model").write_text("\n".join(lines) + "\n")
     decoder = {str(len(ranks) + offset): {"content": name, "special": True} for offset, name in SPECIAL_NAMES.items()}
-    config = {"added_tokens_decoder": decoder, "bos_token": "[BOS]", "eos_token": "[EOS]"}
+    config = {"added_tokens_decoder": decoder, "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
@@ -330,3 +330,185 @@ def test_converted_tokenizer_gives_tiktokens_ids(tmp_path):
         assert ours.encode(text, add_special_tokens=False) == expected, text
         assert ours.decode(expected) == text
     assert ours.convert_tokens_to_ids("<|media_pad|>") == len(ranks) + 21
+
+
+# ---- a converted folder: Auto classes, pipeline, generate, save, push_to_hub, a fresh process ---------------------
+
+from test_portable import hub  # noqa: E402,F401  (the recording stand-in for the Hub)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, meta):
+    """A tiny official Kimi-VL folder (the golden weights, a synthetic tiktoken vocabulary whose <|media_pad|> lands
+    on the golden placeholder id 300), converted by convert_checkpoint.py."""
+    from convert_checkpoint import convert
+
+    src, dst = tmp_path_factory.mktemp("kimi_src"), tmp_path_factory.mktemp("kimi_dst") / "qwenvl"
+    ranks = train_ranks(CORPUS, 300 - 21 - 256)  # specials start after the vocabulary; <|media_pad|> is the 22nd
+    assert len(ranks) + 21 == meta["config"]["media_placeholder_token_id"]
+    write_tiktoken_checkpoint_files(src, ranks)
+    config = dict(meta["config"], media_content_token_id=len(ranks) + 19)
+    (src / "config.json").write_text(json.dumps(config))
+    shutil.copy(GOLDEN / "weights.safetensors", src / "model.safetensors")
+    preprocessor = {"in_token_limit": 64, "patch_size": 14, "merge_kernel_size": [2, 2], "pad_input": True,
+                    "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (src / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    convert(str(src), str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def loaded(converted):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(converted, trust_remote_code=True).eval()
+    return model, AutoProcessor.from_pretrained(converted, trust_remote_code=True)
+
+
+def chat(image, question):
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+
+
+def test_converted_folder_generates_with_cache_batch_and_beams(loaded, golden):
+    model, processor = loaded
+    conversations = [chat(golden["image.a"].numpy(), "What is it?"), chat(golden["image.c"].numpy(), "Say more about it.")]
+    batch = processor.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+    )
+    assert batch["image_grid_hws"].tolist() == [[6, 8], [8, 10]]
+    assert int((batch["input_ids"] == 300).sum()) == 12 + 20  # <|media_pad|> widened to h*w/4
+    assert batch["attention_mask"][:, 0].tolist() == [0, 1]  # left padding
+    options = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        batched = model.generate(**batch, **options)[:, batch["input_ids"].shape[1] :]
+        uncached = model.generate(**batch, use_cache=False, **options)[:, batch["input_ids"].shape[1] :]
+        beams = model.generate(**batch, num_beams=2, num_return_sequences=2, **options)
+        for row, conversation in enumerate(conversations):
+            alone = processor.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            )
+            assert model.generate(**alone, **options)[0, alone["input_ids"].shape[1] :].tolist() == batched[row].tolist()
+    assert uncached.tolist() == batched.tolist()
+    assert beams.shape[0] == 4
+
+
+def test_pipeline_on_the_converted_folder(converted, loaded, golden):
+    from transformers import pipeline
+
+    model, processor = loaded
+    messages = chat(golden["image.b"].numpy(), "Describe the picture.")
+    pipe = pipeline("image-text-to-text", model=str(converted), trust_remote_code=True)
+    out = pipe(text=messages, max_new_tokens=4, generate_kwargs={"do_sample": False}, return_full_text=False)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    assert out[0]["generated_text"] == processor.batch_decode(tokens, skip_special_tokens=True)[0]
+
+
+def test_saved_folder_pushes_and_loads_in_a_fresh_process(loaded, golden, hub, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    model, processor = loaded
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    assert all(name.startswith(("vision_tower.", "multi_modal_projector.", "language_model."))
+               for name in load_file(saved / "model.safetensors"))  # the official layout, still
+    monkeypatch.chdir(tmp_path)
+    model.push_to_hub("someone/tiny-kimi-vl")
+    processor.push_to_hub("someone/tiny-kimi-vl")
+    uploaded = {name for commit in hub.commits for name in commit.files}
+    assert {"model.safetensors", "config.json", "modeling_qwenvl.py", "tokenizer.json", "image_processing_qwenvl.py"} <= uploaded
+    messages = chat(golden["image.b"].numpy(), "Describe the picture.")
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=4, do_sample=False).tolist()
+    script = (
+        "import json, sys, numpy, torch\n"
+        "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        "folder, messages = sys.argv[1], json.loads(sys.stdin.read())\n"
+        "messages[0]['content'][0]['image'] = numpy.array(messages[0]['content'][0]['image'], dtype=numpy.uint8)\n"
+        "model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()\n"
+        "processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)\n"
+        "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, "
+        "return_tensors='pt')\n"
+        "print(json.dumps(model.generate(**inputs, max_new_tokens=4, do_sample=False).tolist()))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(saved)], input=json.dumps(chat(golden["image.b"].tolist(), "Describe the picture.")), capture_output=True, text=True,
+        cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+# ---- transformers 5.24's Kimi_K25 (same MoonViT for images, same projector) on inputs the goldens lack -------------
+
+
+@pytest.fixture(scope="module")
+def k25(tmp_path_factory, meta):
+    """Kimi_K25ForConditionalGeneration holding the golden weights: its conversion reads the original names, all but
+    the projector's (K2.5 calls it mm_projector.{pre_norm, proj.0, proj.2})."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Kimi_K25ForConditionalGeneration"):
+        pytest.skip("this transformers has no Kimi_K25 (4.57)")
+    folder = tmp_path_factory.mktemp("k25")
+    vision = meta["config"]["vision_config"]
+    config = transformers.Kimi_K25Config(
+        vision_config=dict(
+            patch_size=vision["patch_size"], pos_emb_height=vision["init_pos_emb_height"],
+            pos_emb_width=vision["init_pos_emb_width"], num_attention_heads=vision["num_attention_heads"],
+            num_hidden_layers=vision["num_hidden_layers"], hidden_size=vision["hidden_size"],
+            intermediate_size=vision["intermediate_size"], merge_kernel_size=vision["merge_kernel_size"],
+        ),
+        text_config=meta["config"]["text_config"], projection_hidden_size=vision["hidden_size"],
+        image_token_id=meta["config"]["media_placeholder_token_id"], tie_word_embeddings=False,
+    )
+    config.save_pretrained(folder)
+    renamed = {"multi_modal_projector.linear_1.": "mm_projector.proj.0.", "multi_modal_projector.linear_2.": "mm_projector.proj.2.",
+               "multi_modal_projector.pre_norm.": "mm_projector.pre_norm."}
+    weights = {}
+    for name, tensor in load_file(GOLDEN / "weights.safetensors").items():
+        for old, new in renamed.items():
+            name = name.replace(old, new)
+        weights[name] = tensor
+    save_file(weights, folder / "model.safetensors")
+    return transformers.Kimi_K25ForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa").eval()
+
+
+def odd_images():
+    g = torch.Generator().manual_seed(20)
+    return [torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy() for h, w in ((45, 97), (131, 29), (75, 75))]
+
+
+def test_matches_kimi_k25_on_odd_images_and_a_left_padded_batch(model, k25, meta):
+    pixels = kimi_image_processor(64)(images=odd_images(), return_tensors="pt")
+    hws = pixels["image_grid_hws"]
+    tokens = (hws.prod(-1) // 4).tolist()
+    pad, image = 0, meta["config"]["media_placeholder_token_id"]
+    samples = [[5, 6] + [image] * tokens[0] + [7] + [image] * tokens[1] + [8, 9], [10] + [image] * tokens[2] + [11, 12, 13]]
+    length = max(map(len, samples))
+    input_ids = torch.tensor([[pad] * (length - len(s)) + s for s in samples])
+    attention_mask = (torch.arange(length) >= torch.tensor([length - len(s) for s in samples])[:, None]).long()
+    with torch.no_grad():
+        ours = model(input_ids=input_ids, attention_mask=attention_mask, **pixels).logits
+        first_row = [0, int(hws[:2].prod(-1).sum()), int(hws.prod(-1).sum())]  # sample 0 has images 0, 1; sample 1 has 2
+        for b, (sample, images) in enumerate(zip(samples, ([0, 1], [2]))):  # each sample alone, unpadded, in the built-in
+            grid_thw = torch.cat([torch.ones(len(images), 1, dtype=torch.long), hws[images]], dim=1)
+            rows = pixels["pixel_values"][first_row[b] : first_row[b + 1]]
+            reference = k25(input_ids=torch.tensor([sample]), pixel_values=rows, image_grid_thw=grid_thw).logits
+            assert max_diff(ours[b, length - len(sample) :], reference[0]) < TOLERANCE
+
+
+def test_auto_model_loads_the_body_of_a_converted_folder(converted, loaded, golden):
+    from transformers import AutoModel
+
+    body = AutoModel.from_pretrained(converted, trust_remote_code=True).eval()
+    model, _ = loaded
+    rows, grid_thw = golden_vision_inputs(golden)
+    with torch.no_grad():
+        features = body.get_image_features(rows, grid_thw)
+    assert type(body).__name__ == "QwenVLModel"
+    assert max_diff(torch.cat(features), golden["projector_out"]) < TOLERANCE
+    assert torch.equal(body.language_model.norm.weight, model.model.language_model.norm.weight)
