@@ -124,6 +124,10 @@ class QwenVLPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _supports_cache_class = True
+    # Weights of a checkpoint that a class leaves out when it loads (QwenVLModel: the head). Not
+    # `_keys_to_ignore_on_load_unexpected`: vLLM's Transformers backend drops checkpoint weights that match that
+    # list of the body it serves, so an untied head (Qwen-VL, Qwen2.5-VL-7B) would stay zero there.
+    _unused_checkpoint_keys = ()
 
     @classmethod
     def from_pretrained(cls, *args, strict=True, **kwargs):
@@ -147,6 +151,7 @@ class QwenVLPreTrainedModel(PreTrainedModel):
             check_layer_counts(directory, config if isinstance(config, QwenVLConfig) else QwenVLConfig.from_pretrained(directory))
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        info["unexpected_keys"] = [k for k in info["unexpected_keys"] if not k.startswith(cls._unused_checkpoint_keys)]
         refuse_missing_or_unexpected(directory, info)
         return (model, info) if wants_info else model
 
@@ -1427,7 +1432,8 @@ MODALITIES = (
 class QwenVLModel(QwenVLPreTrainedModel):
     """Vision tower + language model: input ids and pixels -> final hidden states."""
 
-    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # loading the body of a checkpoint that has a head
+    # Loading the body of a checkpoint that has a head: its head is left out (see QwenVLPreTrainedModel).
+    _unused_checkpoint_keys = ("lm_head.",)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -126,6 +126,8 @@ QWEN_VL_TEXT_TAGS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", 
 
 class QwenVLProcessor(ProcessorMixin):
     """Qwen2.5-VL / Qwen2-VL processor: a `QwenVLImageProcessor` for images and videos plus the Qwen2 tokenizer.
+    With a Qwen-VL (2023) tokenizer (it has `<imgpad>`, see tools/build_qwen_vl_tokenizer.py) the spans are
+    `<img>` + 256 `<imgpad>` + `</img>` and there are no videos.
 
     Padding follows the tokenizer's `padding_side`, which the shipped tokenizer config sets to "left" so that a
     padded batch can be passed straight to `generate`; pass `padding_side="right"` to a call to change it.
@@ -471,7 +473,7 @@ class QwenVLProcessor(ProcessorMixin):
         expected = ((self.image_token, images, "image"), (self.video_token, videos, "video"))
         for token, counts, kind in expected:
             if token is None:  # Qwen-VL (2023) and Kimi-VL take no videos
-                if counts if isinstance(counts, int) else any(counts):
+                if (counts if isinstance(counts, int) else sum(counts)) > 0:
                     raise ValueError(f"this model takes no {kind}s (it reads images only)")
                 continue
             if isinstance(counts, int):

@@ -3,6 +3,11 @@
 A tiny random Qwen-VL-family directory (the real vocabulary and tokenizer, 56 px pictures: 4 x 4 patches, still 256
 Resampler queries per picture) written by our save_pretrained is served with `vllm.LLM(model_impl="transformers",
 trust_remote_code=True)`; greedy tokens and their log-probabilities must equal our own `generate()`.
+
+The head is untied: vLLM's backend drops the checkpoint weights that the served body's
+`_keys_to_ignore_on_load_unexpected` names, so QwenVLModel keeps its head-skipping in `_unused_checkpoint_keys`.
+Dynamic NTK and logn act only past `seq_length` (2048) tokens, which these prompts stay below: under vLLM the model
+sees no cache and no attention mask, so an NTK factor would come from a step's token count, not a prompt's.
 """
 
 import os
