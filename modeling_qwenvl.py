@@ -1535,7 +1535,7 @@ class QwenVLModel(QwenVLPreTrainedModel):
         if self.config.text_config is not None:  # transformers' own decoder: 1-D positions, its own masks
             hidden = self.language_model(
                 inputs_embeds=inputs_embeds, position_ids=position_ids[0], attention_mask=attention_mask,
-                use_cache=use_cache, **{CACHE_NAME: cache}, **kwargs,
+                use_cache=cache is not None, **{CACHE_NAME: cache}, **kwargs,
             ).last_hidden_state
         else:
             deepstack = deepstack_of(self.config, input_ids, deepstack)
@@ -1621,7 +1621,8 @@ def still_image_inputs(pixel_values, image_grid_hws):
     """Kimi-VL's processor outputs, pixel rows [N, 3, P, P] and grids [images, 2] (h, w), as rows [N, 3*P*P] and
     grid_thw [images, 3]."""
     if not isinstance(image_grid_hws, torch.Tensor) or image_grid_hws.dim() != 2 or image_grid_hws.shape[1] != 2:
-        raise ValueError(f"image_grid_hws must be a tensor of shape [images, 2], got {getattr(image_grid_hws, 'shape', image_grid_hws)}")
+        got = tuple(image_grid_hws.shape) if isinstance(image_grid_hws, torch.Tensor) else type(image_grid_hws).__name__
+        raise ValueError(f"image_grid_hws must be a tensor of shape [images, 2], got {got}")
     grid_thw = torch.cat([torch.ones_like(image_grid_hws[:, :1]), image_grid_hws], dim=1)
     return (pixel_values.flatten(1) if pixel_values is not None else None), grid_thw
 

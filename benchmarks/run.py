@@ -376,7 +376,7 @@ def qwen3_cases(record, repetitions):
 
 
 def kimi_vision_case(repetitions):
-    """Kimi-VL's MoonViT + projector (full width 1152, 4 of its 27 blocks) against transformers' Kimi_K25 vision
+    """Kimi-VL's MoonViT + projector (full width 1152, 2 of its 27 blocks) against transformers' Kimi_K25 vision
     tower + projector (the same maths for images), at 1344 px and for 8 images of 448 px; None without Kimi_K25
     (transformers 4.57). Random weights: the times do not depend on them."""
     import transformers
@@ -388,7 +388,7 @@ def kimi_vision_case(repetitions):
         return None
     from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25MultimodalProjection, Kimi_K25VisionModel
 
-    moonvit = dict(num_hidden_layers=4, num_attention_heads=16, hidden_size=1152, intermediate_size=4304, patch_size=14)
+    moonvit = dict(num_hidden_layers=2, num_attention_heads=16, hidden_size=1152, intermediate_size=4304, patch_size=14)
     config = transformers.Kimi_K25Config(
         vision_config=dict(moonvit, pos_emb_height=64, pos_emb_width=64, merge_kernel_size=[2, 2]),
         text_config=dict(model_type="deepseek_v3", hidden_size=2048), projection_hidden_size=1152,

@@ -370,6 +370,8 @@ def chat(image, question):
 
 
 def test_converted_folder_generates_with_cache_batch_and_beams(loaded, golden):
+    """A left-padded batch generates (with the cache, whose steps the golden greedy test checks) what each
+    conversation generates alone; beam search runs with the pixels repeated per beam."""
     model, processor = loaded
     conversations = [chat(golden["image.a"].numpy(), "What is it?"), chat(golden["image.c"].numpy(), "Say more about it.")]
     batch = processor.apply_chat_template(
@@ -381,14 +383,12 @@ def test_converted_folder_generates_with_cache_batch_and_beams(loaded, golden):
     options = dict(max_new_tokens=4, do_sample=False)
     with torch.no_grad():
         batched = model.generate(**batch, **options)[:, batch["input_ids"].shape[1] :]
-        uncached = model.generate(**batch, use_cache=False, **options)[:, batch["input_ids"].shape[1] :]
         beams = model.generate(**batch, num_beams=2, num_return_sequences=2, **options)
         for row, conversation in enumerate(conversations):
             alone = processor.apply_chat_template(
                 conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
             )
             assert model.generate(**alone, **options)[0, alone["input_ids"].shape[1] :].tolist() == batched[row].tolist()
-    assert uncached.tolist() == batched.tolist()
     assert beams.shape[0] == 4
 
 
