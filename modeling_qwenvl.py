@@ -1259,6 +1259,9 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_rep"}
+    # A decoding step over a static cache compiles as one graph (generate(..., compile_config=...)); the prompt's step
+    # (vision tower, positions, checks) runs eager, as transformers runs it. tests/test_compiled.py.
+    _can_compile_fullgraph = True
 
     def __init__(self, config):
         super().__init__(config)
