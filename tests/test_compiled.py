@@ -72,3 +72,17 @@ def test_compiled_training_step_with_labelled_logits_only_matches_eager():
     assert (compiled_loss - eager_loss).abs() < 1e-5
     assert len(compiled_grads) == len(eager_grads)
     assert max((a - b).abs().max() for a, b in zip(compiled_grads, eager_grads)) < 1e-5
+
+
+def test_compiled_vision_tower_matches_eager_and_reuses_its_graphs_for_new_sizes():
+    tower = qwenvl_model("2.5").model.visual
+    sizes = [((1, 8, 8),), ((1, 12, 20), (1, 4, 4)), ((2, 16, 8),)]  # a new total row count and layout each call
+    with torch.no_grad():
+        expected = [tower(*pixels(*grids)) for grids in sizes]
+        tower.compile_vision(backend="aot_eager")
+        for grids, eager in zip(sizes, expected):
+            assert (tower(*pixels(*grids)) - eager).abs().max() < 1e-5
+        graphs = counters["stats"]["unique_graphs"]
+        tower(*pixels((1, 28, 20)))
+    assert counters["stats"]["unique_graphs"] == graphs  # a fourth size compiles nothing new
+    assert graphs <= 8  # norms, q/k/v with rotary, MLP, merger: a few graphs (and row-count specialisations), not one per size
