@@ -786,6 +786,23 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
         merged = torch.cat([self.merger(x), *deepstack], dim=-1) if deepstack else self.merger(x)
         return merged[plan.inverse_index] if plan.inverse_index is not None else merged
 
+    def compile_vision(self, **options):
+        """Opt-in: torch.compile the work each block does row by row (norms, q/k/v with the rotary turn, the output
+        projection, the MLP) and the merger, with the row count dynamic, so that new image sizes reuse the compiled
+        code. Attention over segments stays eager: its layout changes with every image size, and its kernel gains
+        nothing from fusion. `options` go to torch.compile. Returns the tower.
+
+        What it buys is the elementwise passes around the matmuls fused (benchmarks/README.md); the first call
+        compiles for tens of seconds on a CPU, so it pays in a server, not in a one-off call."""
+        options = {"dynamic": True, **options}
+        for block in self.blocks:
+            block.norm1.compile(**options)
+            block.norm2.compile(**options)
+            block.attn.rotated_qkv = torch.compile(block.attn.rotated_qkv, **options)  # the instance's, not the class's
+            block.mlp.compile(**options)
+        self.merger.compile(**options)
+        return self
+
     def grid_plan(self, grid_thw, device):
         """The GridPlan of these grids, from the cache of recent ones. A server calls the model from several
         threads, so the cache changes under a lock (a plan itself is never changed once made)."""
@@ -1658,6 +1675,9 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_rep"}
+    # A decoding step over a static cache compiles as one graph (generate(..., compile_config=...)); the prompt's step
+    # (vision tower, positions, checks) runs eager, as transformers runs it. tests/test_compiled.py.
+    _can_compile_fullgraph = True
 
     def __init__(self, config):
         super().__init__(config)

@@ -13,6 +13,7 @@ Usage:
   python benchmarks/gpu_vision.py           # on a CUDA machine; about 2 minutes on an H100
   python benchmarks/gpu_vision.py --small   # a narrow tower and small inputs: a smoke test, CPU too
   python benchmarks/gpu_vision.py --json    # the last line is one JSON object of the results
+  python benchmarks/gpu_vision.py --compiled  # also ours with compile_vision() ("compiled"; compile time apart)
 """
 
 import argparse
@@ -92,6 +93,7 @@ def main():
     parser.add_argument("--small", action="store_true", help="the CPU benchmark's narrow tower and small inputs")
     parser.add_argument("--repetitions", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    parser.add_argument("--compiled", action="store_true", help="also ours with compile_vision() (sdpa)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,6 +137,8 @@ def main():
         "sdpa": lambda p, g: our_visual(p, g),  # ours, default: runs, or torch's varlen kernel where they are many
         "varlen": with_varlen,  # ours, flash_attention_2
     }
+    if args.compiled:  # ours, sdpa, row-wise work compiled; the first call of each case (untimed) compiles
+        variants["compiled"] = copy.deepcopy(our_visual).compile_vision()
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, torch "
           f"{torch.__version__}, varlen kernel: {kernel_name}, vision width "
           f"{run.VISION['hidden_size']} x {run.VISION['depth']} blocks")
@@ -149,7 +153,10 @@ def main():
             pixels = pixels.to(dtype)
             for label, forward in variants.items():
                 call = functools.partial(forward, pixels, grid)
-                out = call()
+                start = time.perf_counter()
+                out = call()  # the compiled variant compiles here: its first-call time is reported apart
+                synchronize(device)
+                row[f"{label}_first_s"] = time.perf_counter() - start
                 out = out.pooler_output if hasattr(out, "pooler_output") else out
                 row[f"{label}_error"] = relative_error(out, reference)
                 row[f"{label}_peak_mib"] = peak_mib(call, device)

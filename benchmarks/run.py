@@ -9,6 +9,8 @@ reported as ours / built-in (below 1: we use less).
 Usage:
   python benchmarks/run.py --quick          # about 2-3 minutes on 2 CPU cores
   python benchmarks/run.py --json           # the last line is one JSON object of the ratios
+  python benchmarks/run.py --compiled       # also: compiled paths (static cache, compile_vision, compiled
+                                            # training step) and quantized loading's peak memory
 """
 
 import argparse
@@ -372,6 +374,174 @@ def qwen3_cases(record, repetitions):
         record("qwen3 MoE prefill (448 px + text)", b, o, "s", "qwen3_moe_prefill_speedup")
 
 
+# --- compiled paths and quantized loading (--compiled) -----------------------------------------
+
+
+def compile_for_generate():
+    """transformers' own compiled decoding: a CompileConfig that also compiles on the CPU."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True  # a class attribute, not a constructor argument
+    return config
+
+
+def first_and_steady(fn, repetitions):
+    """(seconds of the first call, median seconds of the next ones): the first call is where compiling happens."""
+    first = _timed(fn)
+    return first, statistics.median(_timed(fn) for _ in range(repetitions))
+
+
+def compiled_generate_cases(builtin, ours, repetitions):
+    """Prefill and decode with a static cache and compiled decoding, each model by transformers' own mechanism.
+    -> {name: (prefill s, decode tok/s, compile s)}"""
+    from transformers import StaticCache
+
+    from modeling_qwenvl import CACHE_NAME
+
+    inputs = generate_inputs()
+    settings = dict(do_sample=False, pad_token_id=151643, eos_token_id=None, compile_config=compile_for_generate())
+    token_types = {"mm_token_type_ids": inputs.pop("mm_token_type_ids")}
+    results = {}
+    for name, model, extra in (("builtin", builtin, token_types), ("ours", ours, {})):
+        def run(new_tokens):
+            def go():
+                cache = StaticCache(config=model.config, max_cache_len=inputs["input_ids"].shape[1] + 32)
+                with torch.no_grad():
+                    model.generate(**inputs, **extra, **{CACHE_NAME: cache}, max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, **settings)
+            return go
+
+        first, full = first_and_steady(run(32), repetitions)
+        prefill = statistics.median(_timed(run(1)) for _ in range(repetitions))
+        results[name] = (prefill, 31 / max(full - prefill, 1e-9), first - full)
+    return results
+
+
+def compiled_vision_case(ours, pixels, grid, repetitions):
+    """Our compiled vision tower (compile_vision) on a deep copy: -> (seconds, compile seconds, max abs diff)."""
+    import copy
+
+    tower = copy.deepcopy(ours.model.visual)
+    with torch.no_grad():
+        expected = tower(pixels, grid)
+        tower.compile_vision()
+        first, steady = first_and_steady(lambda: tower(pixels, grid), repetitions)
+        diff = (tower(pixels, grid) - expected).abs().max().item()
+    return steady, first - steady, diff
+
+
+def compiled_train_cases(builtin, ours, repetitions):
+    """The training step under torch.compile (what Trainer(torch_compile=True) does), each model.
+    -> {name: (seconds, compile seconds)}"""
+    pixels, grid = still_image_pixels(224, 224, count=4)
+    image_tokens = int(grid[0].prod()) // 4
+    prompt = [151644, 872, 198, 151652] + [151655] * image_tokens + [151653] + [3838, 374, 419, 30] * 8
+    ids = torch.tensor([prompt + [151645, 198, 151644, 77091, 198, 3838, 374, 419, 151645]] * 4)
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_grid_thw=grid,
+                 labels=labels)
+    results = {}
+    for name, model, extra in (("builtin", builtin, {}), ("ours", ours, {"labelled_logits_only": True})):
+        model.train()
+        compiled = torch.compile(model)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            compiled(**batch, **extra).loss.backward()
+
+        try:
+            first, steady = first_and_steady(step, repetitions)
+        finally:
+            model.eval()
+        results[name] = (steady, first - steady)
+    return results
+
+
+QUANTIZATIONS = ("bnb_8bit", "bnb_4bit", "torchao_int8")
+
+
+def quantization_config(method):
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    if method == "bnb_8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if method == "bnb_4bit":
+        return BitsAndBytesConfig(load_in_4bit=True)
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def quantized_memory_child(directory, which, method):
+    """Runs in a subprocess: the peak RSS increase (bytes) of loading the model quantized and generating 8 tokens."""
+    import transformers
+
+    from modeling_qwenvl import QwenVLForConditionalGeneration
+
+    torch.set_num_threads(2)
+    inputs = generate_inputs()
+    token_types = inputs.pop("mm_token_type_ids")
+    baseline = _rss()
+    config = quantization_config(method) if method != "none" else None
+    if which == "ours":
+        model = QwenVLForConditionalGeneration.from_pretrained(directory, quantization_config=config, device_map="cpu")
+    else:
+        model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            directory, quantization_config=config, device_map="cpu"
+        )
+        inputs["mm_token_type_ids"] = token_types
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=151643)
+    print(json.dumps({"peak_increase": _vm("VmHWM") - baseline}))
+
+
+def quantized_memory(directory, which, method):
+    code = (
+        f"import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r});"
+        f"import run; run.quantized_memory_child({str(directory)!r}, {which!r}, {method!r})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_increase"]
+
+
+def compiled_report(builtin, ours, directory, repetitions, eager, record, results):
+    """The --compiled cases: each compiled path against the built-in's best (eager or its own compiled path) and
+    against our eager time (`eager`: case -> our eager time from the main run); compile times apart."""
+    compile_times = {}
+    generated = compiled_generate_cases(builtin, ours, repetitions)
+    builtin_decode = max(eager["builtin_decode"], generated["builtin"][1])
+    record("compiled decode (static cache)", builtin_decode, generated["ours"][1], "tok/s", "compiled_decode_speedup",
+           ratio=generated["ours"][1] / builtin_decode)
+    results["compiled_decode_over_our_eager"] = round(generated["ours"][1] / eager["ours_decode"], 3)
+    builtin_prefill = min(eager["builtin_prefill"], generated["builtin"][0])
+    record("compiled prefill (static cache)", builtin_prefill, generated["ours"][0], "s", "compiled_prefill_speedup")
+    compile_times["decode_ours"], compile_times["decode_builtin"] = generated["ours"][2], generated["builtin"][2]
+    vision = {
+        "multi_image": still_image_pixels(224, 224, count=16), "1344": still_image_pixels(1344, 1344),
+        "video": video_pixels(32, 448),
+    }
+    for key, (pixels, grid) in vision.items():
+        seconds, compile_seconds, diff = compiled_vision_case(ours, pixels, grid, repetitions)
+        record(f"compiled vision {key}", eager[f"builtin_{key}"], seconds, "s", f"compiled_vision_{key}_speedup")
+        results[f"compiled_vision_{key}_over_our_eager"] = round(eager[f"ours_{key}"] / seconds, 3)
+        results[f"compiled_vision_{key}_max_abs_diff"] = diff
+        compile_times[f"vision_{key}"] = compile_seconds
+    trained = compiled_train_cases(builtin, ours, repetitions)
+    builtin_train = min(eager["builtin_train"], trained["builtin"][0])
+    record("compiled train step", builtin_train, trained["ours"][0], "s", "compiled_train_step_speedup")
+    results["compiled_train_step_over_our_eager"] = round(eager["ours_train"] / trained["ours"][0], 3)
+    compile_times["train_ours"], compile_times["train_builtin"] = trained["ours"][1], trained["builtin"][1]
+    results["compile_seconds"] = {name: round(value, 1) for name, value in compile_times.items()}
+    for method in ("none", *QUANTIZATIONS):
+        builtin_peak = quantized_memory(directory, "builtin", method)
+        our_peak = quantized_memory(directory, "ours", method)
+        record(f"peak memory load+generate, {method}", builtin_peak / 2**20, our_peak / 2**20, "MiB",
+               f"quantized_{method}_peak_mem_ratio", ratio=our_peak / builtin_peak)
+        results[f"quantized_{method}_peak_mib_ours"] = round(our_peak / 2**20, 1)
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -417,10 +587,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (about 2-3 minutes)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of all figures")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compiled", action="store_true",
+                        help="also the compiled paths and quantized loading (compiles for minutes on a CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repetitions = 3 if args.quick else 7
-    rows, results = [], {}
+    rows, results, eager = [], {}, {}  # eager: our and the built-in's eager figures, for --compiled
 
     def record(name, builtin_value, our_value, unit, key=None, ratio=None):
         ratio = builtin_value / our_value if ratio is None else ratio
@@ -433,21 +605,28 @@ def main():
         machine_flops = matmul_flops_per_second()
         pixels, grid = still_image_pixels(1344, 1344)
         b, o = vision_case(builtin, ours, pixels, grid, repetitions)
+        eager.update(builtin_1344=b, ours_1344=o)
         record("vision 1344 px (sdpa)", b, o, "s", "vision_1344_speedup")
         fraction = vision_flops(grid, VISION) / o / machine_flops
         results["vision_1344_matmul_peak_fraction"] = round(fraction, 3)
         results["machine_matmul_gflops"] = round(machine_flops / 1e9, 1)
         b, o = vision_case(builtin, ours, *video_pixels(32, 448), repetitions)
+        eager.update(builtin_video=b, ours_video=o)
         record("vision video 32 x 448 px", b, o, "s", "vision_video_speedup")
         b, o = vision_case(builtin, ours, *still_image_pixels(224, 224, count=16), repetitions)
+        eager.update(builtin_multi_image=b, ours_multi_image=o)
         record("vision 16 x 224 px images", b, o, "s", "vision_multi_image_speedup")
         b, o = processor_case(repetitions)
         record("image processor 1920x1080", b, o, "s", "processor_1080p_speedup")
         (b, o), (bd, od) = generate_cases(builtin, ours, repetitions)
+        eager.update(builtin_prefill=b, ours_prefill=o, builtin_decode=bd, ours_decode=od)
         record("generate prefill (448 px)", b, o, "s", "generate_prefill_speedup")
         record("generate decode", bd, od, "tok/s", "generate_decode_speedup", ratio=od / bd)
         b, o = train_case(builtin, ours, repetitions)
+        eager.update(builtin_train=b, ours_train=o)
         record("train step (answers labelled)", b, o, "s", "train_step_speedup")
+        if args.compiled:
+            compiled_report(builtin, ours, directory, repetitions, eager, record, results)
         kimi = kimi_vision_case(repetitions)
         if kimi is not None:  # transformers 5.x: against Kimi_K25
             record("kimi vision 1344 px vs Kimi_K25", *kimi[0], "s", "kimi_vision_1344_speedup")
@@ -468,6 +647,8 @@ def main():
     print(f"vision 1344 px: {fraction:.2f} of the measured float32 matmul peak ({machine_flops / 1e9:.0f} GFLOP/s)")
     print("time ratios are built-in / ours; the decode ratio is ours / built-in tokens per second; "
           "memory ratios are ours / built-in")
+    if "compile_seconds" in results:
+        print("compile time (s, first call minus a steady one; in no ratio):", results["compile_seconds"])
     if args.json:
         print(json.dumps(results))
 

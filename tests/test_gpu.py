@@ -58,3 +58,33 @@ def test_varlen_kernel_matches_sdpa_run_by_run(tower, monkeypatch, path):
     assert calls, "the varlen kernel was not used"
     for a, b in zip(varlen, by_runs):
         assert relative_error(a, b) < 2e-2
+
+
+def test_compiled_vision_tower_matches_eager(tower):
+    """compile_vision() with inductor on the GPU: the same merged tokens for two sizes, one compile for both."""
+    sizes = [((1, 28, 20), (1, 16, 16)), ((2, 8, 12),)]
+    inputs = [tuple(t.cuda() for t in pixels(*grids)) for grids in sizes]
+    with torch.no_grad():
+        expected = [tower(p.bfloat16(), g) for p, g in inputs]
+        tower.compile_vision()
+        for (p, g), eager in zip(inputs, expected):
+            assert relative_error(tower(p.bfloat16(), g), eager) < 2e-2
+
+
+@pytest.mark.parametrize("implementation", ["static", "offloaded", "offloaded_static"])
+def test_cache_implementations_give_the_dynamic_caches_tokens_on_the_gpu(implementation):
+    """The offloaded caches copy through CUDA streams, so they run only here; "static" also compiles the decoding
+    step with transformers' defaults (inductor, reduce-overhead: CUDA graphs)."""
+    from transformers import CompileConfig
+    from tiny import PAD, qwenvl_model, sequence
+
+    model = qwenvl_model("2.5").cuda()
+    input_ids = torch.tensor([sequence([5, 6, 7], ("image", (1, 8, 8)), [8, 9])], device="cuda")
+    image_pixels, grid = (t.cuda() for t in pixels((1, 8, 8)))
+    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=image_pixels,
+                  image_grid_thw=grid, max_new_tokens=16, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    compiled = {"compile_config": CompileConfig()} if implementation == "static" else {}
+    with torch.no_grad():
+        dynamic = model.generate(**inputs)
+        other = model.generate(**inputs, cache_implementation=implementation, **compiled)
+    assert other.tolist() == dynamic.tolist()
