@@ -1454,8 +1454,8 @@ class QwenVLModel(QwenVLPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """Also loads Kimi-VL's official layout (the body alone: its head is left out)."""
-        kwargs.setdefault("key_mapping", KIMI_BODY_KEY_MAPPING)
+        """Also reads Qwen3-VL's hub names and Kimi-VL's official layout (the body alone: its head is left out)."""
+        kwargs.setdefault("key_mapping", {**QWEN3_KEY_MAPPING, **KIMI_BODY_KEY_MAPPING})
         return super().from_pretrained(*args, **kwargs)
 
     def __init__(self, config):
@@ -1469,12 +1469,6 @@ class QwenVLModel(QwenVLPreTrainedModel):
         else:
             self.language_model = QwenVLTextModel(config)
         self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Also reads Qwen3-VL's hub names (see QWEN3_KEY_MAPPING)."""
-        kwargs.setdefault("key_mapping", QWEN3_KEY_MAPPING)
-        return super().from_pretrained(*args, **kwargs)
 
     def get_input_embeddings(self):
         return self.language_model.embed_tokens
