@@ -668,7 +668,9 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
         self.patch_embed = PatchEmbed(config)
         self.pos_emb = PositionTable(config) if config.num_position_embeddings else None
         self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
-        self.final_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps) if config.final_norm else None
+        self.final_norm = None
+        if config.final_norm:
+            self.final_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps)
         self.merger = PatchMerger(config)
         self.gradient_checkpointing = False
         self._plans = {}  # grid shapes -> GridPlan, most recent last
