@@ -88,9 +88,12 @@ class QwenVLVisionConfig(PretrainedConfig):
             merge = kwargs.pop("merge_kernel_size", (2, 2))
             table = kwargs.pop("init_pos_emb_height", 64), kwargs.pop("init_pos_emb_width", 64)
             if merge[0] != merge[1] or table[0] != table[1]:
-                raise ValueError(f"MoonViT with a non-square merge kernel {merge} or position table {table} is not supported")
+                raise ValueError(
+                    f"MoonViT with a non-square merge kernel {merge} or position table {table} is not supported"
+                )
             spatial_merge_size, num_position_embeddings = merge[0], table[0] * table[1]
-            temporal_patch_size, hidden_act, norm_type, gated_mlp, norm_eps = 1, "gelu_pytorch_tanh", "layernorm", False, 1e-5
+            temporal_patch_size, hidden_act, norm_eps = 1, "gelu_pytorch_tanh", 1e-5
+            norm_type, gated_mlp = "layernorm", False
             window_size, fullatt_block_indexes, tokens_per_second = None, None, None
             patch_embed_bias, vision_rope_layout, final_norm, patch_order = True, "pairs", True, "raster"
         if "embed_dim" in kwargs:  # Qwen2-VL naming: hidden_size is the merger's output there
@@ -211,7 +214,9 @@ class QwenVLVisionConfig(PretrainedConfig):
 
     def _validate_moonvit_switches(self):
         if self.vision_rope_layout not in ("halves", "pairs"):
-            raise ValueError(f"vision_config.vision_rope_layout must be 'halves' or 'pairs', got {self.vision_rope_layout!r}")
+            raise ValueError(
+                f"vision_config.vision_rope_layout must be 'halves' or 'pairs', got {self.vision_rope_layout!r}"
+            )
         if self.patch_order not in ("merge", "raster"):
             raise ValueError(f"vision_config.patch_order must be 'merge' or 'raster', got {self.patch_order!r}")
 

@@ -530,7 +530,10 @@ def tiktoken_as_tokenizer(ranks, pattern, special_tokens):
         models.BPE(vocab, [(text(a), text(b)) for a, b in merges], fuse_unk=False, ignore_merges=True)
     )
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in special_tokens])
@@ -552,7 +555,7 @@ def kimi_tokenizer(src):
     if os.path.isfile(os.path.join(src, "chat_template.jinja")):
         with open(os.path.join(src, "chat_template.jinja"), encoding="utf-8") as file:
             template = file.read()
-    roles = {name: config.get(name) for name in ("bos_token", "eos_token", "unk_token", "pad_token") if config.get(name)}
+    roles = {name: config[name] for name in ("bos_token", "eos_token", "unk_token", "pad_token") if config.get(name)}
     roles = {name: token["content"] if isinstance(token, dict) else token for name, token in roles.items()}
     return PreTrainedTokenizerFast(
         tokenizer_object=tiktoken_as_tokenizer(ranks, KIMI_PATTERN, specials),
@@ -575,7 +578,8 @@ def kimi_preprocessor_config(src):
     )
     config = {key: value for key, value in processor.to_dict().items() if not key.startswith("_")}
     config.update(
-        auto_map=dict(PROCESSOR_AUTO_MAP), image_processor_type="QwenVLImageProcessor", processor_class="QwenVLProcessor"
+        auto_map=dict(PROCESSOR_AUTO_MAP), image_processor_type="QwenVLImageProcessor",
+        processor_class="QwenVLProcessor",
     )
     return config
 

@@ -1556,7 +1556,8 @@ class QwenVLImageProcessor(BaseImageProcessor):
             raise ValueError("pass at least one image")
         p, factor = options["patch_size"], options["patch_size"] * options["merge_size"]
         size_for = functools.partial(moonvit_size, patch_size=p, factor=factor, in_token_limit=self.in_token_limit)
-        padded = [_pad_to_multiple(np.asarray(_load_picture(image, size_for, options["resample"])), factor) for image in images]
+        pictures = (np.asarray(_load_picture(image, size_for, options["resample"])) for image in images)
+        padded = [_pad_to_multiple(picture, factor) for picture in pictures]
         grids = np.array([(image.shape[0] // p, image.shape[1] // p) for image in padded], dtype=np.int64)
         out = np.empty((int(grids.prod(axis=1).sum()), 3, p, p), dtype=np.float32)
         start = 0

@@ -739,7 +739,9 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
         if config.pre_norm:
             self.ln_pre = make_norm(config.norm_type, config.hidden_size)
         self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
-        self.final_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps) if config.final_norm else None
+        self.final_norm = None
+        if config.final_norm:
+            self.final_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps)
         self.merger = Resampler(config) if config.projector == "resampler" else PatchMerger(config)
         if config.deepstack_visual_indexes is not None:
             self.deepstack_merger_list = nn.ModuleList(

@@ -576,9 +576,13 @@ def kimi_vision_case(repetitions):
         pixels = torch.randn(rows, 3, 14, 14, generator=g)
         grid = torch.tensor([[1, side // 14, side // 14]] * count)
         with torch.no_grad():
-            times.append(compare(
-                lambda: projector(builtin(pixels, grid).pooler_output), lambda: ours(pixels.flatten(1), grid), repetitions
-            ))
+            times.append(
+                compare(
+                    lambda: projector(builtin(pixels, grid).pooler_output),
+                    lambda: ours(pixels.flatten(1), grid),
+                    repetitions,
+                )
+            )
     return times
 
 
