@@ -789,10 +789,10 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
         return merged[plan.inverse_index] if plan.inverse_index is not None else merged
 
     def compile_vision(self, **options):
-        """Opt-in: torch.compile the work each block does row by row (norms, q/k/v with the rotary turn, the output
-        projection, the MLP) and the merger, with the row count dynamic, so that new image sizes reuse the compiled
-        code. Attention over segments stays eager: its layout changes with every image size, and its kernel gains
-        nothing from fusion. `options` go to torch.compile. Returns the tower.
+        """Opt-in: torch.compile the work each block does row by row (norms, q/k/v with the rotary turn, the MLP)
+        and the merger, with the row count dynamic, so that new image sizes reuse the compiled code. Attention over
+        segments and its output projection stay eager: their layout changes with every image size, and a lone kernel
+        gains nothing from fusion. `options` go to torch.compile. Returns the tower.
 
         What it buys is the elementwise passes around the matmuls fused (benchmarks/README.md); the first call
         compiles for tens of seconds on a CPU, so it pays in a server, not in a one-off call."""

@@ -30,9 +30,9 @@ def compile_on_any_device(**options):
     return config
 
 
-def test_compiled_decoding_traces_one_graph_for_every_step_and_prompt_length(monkeypatch):
+@torch._dynamo.config.patch(error_on_recompile=True)
+def test_compiled_decoding_traces_one_graph_for_every_step_and_prompt_length():
     model = qwenvl_model("2.5")
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     config = compile_on_any_device(fullgraph=True, backend="eager", mode="default")
     image_pixels, grid = pixels((1, 4, 4))
     for text_length in (3, 8, 15):  # three prompt lengths, one cache capacity
