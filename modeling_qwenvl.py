@@ -1286,7 +1286,10 @@ class TextMLP(nn.Module):
 
 class TextExperts(nn.Module):
     """`num_experts` SwiGLU experts, fused as the official files store them: `gate_up_proj` [E, hidden, 2I] (gate in
-    the first I columns, up in the last), `down_proj` [E, I, hidden], applied as x @ W."""
+    the first I columns, up in the last), `down_proj` [E, I, hidden], applied as x @ W.
+
+    Rows come grouped by expert (`ends`: where each expert's rows end); torch's grouped matmul runs every expert on
+    its rows in one call, without reading the group sizes on the host (no device sync, also while decoding)."""
 
     def __init__(self, config):
         super().__init__()
@@ -1295,15 +1298,16 @@ class TextExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(config.num_experts, size, config.hidden_size))
         self.act = ACT2FN[config.hidden_act]
 
-    def forward(self, x, expert):  # x: [tokens, hidden] -> [tokens, hidden], through expert number `expert`
-        gate, up = (x @ self.gate_up_proj[expert]).chunk(2, dim=-1)
-        return (self.act(gate) * up) @ self.down_proj[expert]
+    def forward(self, x, ends):  # x: [rows, hidden] grouped by expert, ends: [E] int32 -> [rows, hidden]
+        gate, up = F.grouped_mm(x, self.gate_up_proj, offs=ends).chunk(2, dim=-1)
+        return F.grouped_mm(self.act(gate) * up, self.down_proj, offs=ends)
 
 
 class TextMoE(nn.Module):
     """The sparse MLP (Qwen3-VL MoE): a softmax router over all experts in float32, the top `num_experts_per_tok`
     kept (renormalised to sum to 1 with `norm_topk_prob`), each token the weighted sum of its experts. No shared
-    experts. Only the experts some token chose run (their list is read on the host, once per layer)."""
+    experts. The (token, choice) pairs are grouped by expert, so that each chosen expert runs once on one contiguous
+    block of rows."""
 
     def __init__(self, config):
         super().__init__()
@@ -1318,12 +1322,15 @@ class TextMoE(nn.Module):
         weights, chosen = probabilities.topk(self.top_k, dim=-1)  # [T, k]
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(tokens)
-        for expert in chosen.unique().tolist():
-            rows, slot = torch.where(chosen == expert)
-            out.index_add_(0, rows, self.experts(tokens[rows], expert) * weights[rows, slot, None])
-        return out.view(x.shape)
+        flat = chosen.flatten()
+        order = flat.argsort()  # (token, choice) pairs, grouped by expert
+        # rows per expert, counted on the device (torch.bincount would read its size on the host)
+        counts = flat.new_zeros(self.gate.out_features, dtype=torch.int32).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        outputs = self.experts(tokens[order // self.top_k], counts.cumsum(0, dtype=torch.int32))  # [T*k, hidden]
+        per_choice = torch.empty_like(outputs)
+        per_choice[order] = outputs  # back to (token, choice) order
+        per_choice = per_choice.view(tokens.shape[0], self.top_k, -1) * weights.to(x.dtype)[..., None]
+        return per_choice.sum(1).view(x.shape)
 
 
 class TextDecoderLayer(nn.Module):
