@@ -60,6 +60,8 @@ from safetensors.torch import save_file
 from tools.build_qwen_vl_tokenizer import build as build_qwen_vl_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The Qwen3-VL chat template, for a Qwen3-VL checkpoint that ships none.
+QWEN3_CHAT_TEMPLATE = "chat_template_qwen3_vl.jinja"
 OFFICIAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "kimi_vl")
 CODE_FILES = ("configuration_qwenvl.py", "modeling_qwenvl.py", "processing_qwenvl.py", "image_processing_qwenvl.py")
 TOKENIZER_FILES = (
@@ -228,9 +230,10 @@ def left_padding(tokenizer_config_path):
     return dict(read_json_object(tokenizer_config_path), padding_side="left")
 
 
-def chat_template_file(src):
+def chat_template_file(src, family):
     """(directory, file name) of the chat template to copy, or (None, None) when the source's template lives in
-    the tokenizer_config.json that is copied anyway."""
+    the tokenizer_config.json that is copied anyway. Without one of its own, a source gets ours for its family
+    (written as chat_template.jinja)."""
     for name in ("chat_template.jinja", "chat_template.json"):
         if os.path.isfile(os.path.join(src, name)):
             return src, name
@@ -238,7 +241,7 @@ def chat_template_file(src):
     if tokenizer_directory(src) == src and os.path.isfile(tokenizer_config):
         if read_json_object(tokenizer_config).get("chat_template"):
             return None, None
-    return ROOT, "chat_template.jinja"
+    return ROOT, QWEN3_CHAT_TEMPLATE if family == "qwen3_vl" else "chat_template.jinja"
 
 
 def preprocessor_config(src):
@@ -317,7 +320,7 @@ def plan_conversion(src):
     if config.family == "kimi_vl":
         return Plan(config, shards, index, kimi_preprocessor_config(src), src, (None, None), generation_path)
     return Plan(
-        config, shards, index, preprocessor_config(src), tokenizer_directory(src), chat_template_file(src),
+        config, shards, index, preprocessor_config(src), tokenizer_directory(src), chat_template_file(src, config.family),
         generation_path,
     )
 
@@ -362,9 +365,9 @@ def write_directory(src, dst, plan, copy):
     def origin(directory):
         return "the source" if directory == src else "qwenvl"
 
-    def copy_file(directory, name):
-        shutil.copyfile(os.path.join(directory, name), os.path.join(dst, name))
-        written[name] = f"copied from {origin(directory)}"
+    def copy_file(directory, name, target=None):
+        shutil.copyfile(os.path.join(directory, name), os.path.join(dst, target or name))
+        written[target or name] = f"copied from {origin(directory)}"
 
     plan.config.to_json_file(os.path.join(dst, "config.json"))
     written["config.json"] = f"written (model_type qwenvl, family {plan.config.family}, auto_map)"
@@ -380,8 +383,8 @@ def write_directory(src, dst, plan, copy):
         elif os.path.isfile(os.path.join(plan.tokenizer_dir, name)):
             copy_file(plan.tokenizer_dir, name)
     template_dir, template_name = plan.template
-    if template_name is not None:
-        copy_file(template_dir, template_name)
+    if template_name is not None:  # ours is always chat_template.jinja in the converted folder
+        copy_file(template_dir, template_name, "chat_template.jinja" if template_dir == ROOT else None)
     write_json(os.path.join(dst, "preprocessor_config.json"), plan.processor_config)
     written["preprocessor_config.json"] = "written (QwenVLImageProcessor, auto_map)"
     if plan.generation_path is not None:

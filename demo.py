@@ -42,7 +42,7 @@ import synthetic_tasks as tasks  # noqa: E402
 from image_processing_qwenvl import DEFAULT_MAX_PIXELS  # noqa: E402
 
 EXAMPLES = os.path.join(ROOT, "examples", "questions.json")
-# What Qwen2.5-VL and Qwen2-VL answer to "Locate every shape" on examples/shape.png (168 x 168, which the official
+# What each family answers to "Locate every shape" on examples/shape.png (168 x 168, which the official
 # processor keeps at 168 x 168): written by hand from the shapes' true positions, in each family's coordinates. Keyed
 # by QwenVLConfig.family.
 GROUNDING_IMAGE = os.path.join(ROOT, "examples", "shape.png")
@@ -57,6 +57,13 @@ GROUNDING_EXAMPLES = {
     "qwen2_vl": "<|object_ref_start|>red triangle<|object_ref_end|><|box_start|>(393,65),(643,315)<|box_end|>, "
     "<|object_ref_start|>yellow square<|object_ref_end|><|box_start|>(54,77),(244,268)<|box_end|> and "
     "<|object_ref_start|>blue circle<|object_ref_end|><|box_start|>(405,690),(655,940)<|box_end|>",
+    "qwen3_vl": """```json
+[
+  {"bbox_2d": [393, 65, 643, 315], "label": "red triangle"},
+  {"bbox_2d": [54, 77, 244, 268], "label": "yellow square"},
+  {"point_2d": [530, 815], "label": "blue circle"}
+]
+```""",
     "qwen_vl": "<ref>red triangle</ref><box>(393,65),(643,315)</box>, <ref>yellow square</ref><box>(54,77),(244,268)</box>"
     " and <ref>blue circle</ref><quad>(530,690),(655,815),(530,940),(405,815)</quad>",
 }
@@ -306,6 +313,8 @@ def main(argv=None):
         example = args.ground is True
         try:
             config = QwenVLConfig.from_pretrained(args.model)
+            if config.family not in GROUNDING_EXAMPLES:
+                raise ValueError(f"--ground: {config.family} models have no grounding format that qwenvl reads")
             answer = GROUNDING_EXAMPLES[config.family] if example else args.ground
             run_ground(answer, GROUNDING_IMAGE if example else args.image, config, args.max_pixels, args.out)
         except (ValueError, OSError) as error:

@@ -130,11 +130,23 @@ def qwen2_config_dir(directory):
     return directory
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def qwen3_config_dir(directory):
+    """A directory holding only a Qwen3-VL-family config.json (DeepStack is what makes the family)."""
+    vision = dict(
+        depth=2, hidden_size=64, num_heads=4, norm_type="layernorm", gated_mlp=False, window_size=None,
+        fullatt_block_indexes=None, tokens_per_second=None, deepstack_visual_indexes=[0], text_timestamps=True,
+    )
+    QwenVLConfig(vision_config=vision).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def test_ground_draws_the_built_in_example(family, tmp_path, capsys):
-    """The family comes from --model's config: the repo root's (Qwen2.5-VL) by default, or a Qwen2-VL one."""
+    """The family comes from --model's config: the repo root's (Qwen2.5-VL) by default, or a Qwen2-VL or Qwen3-VL one
+    (both answer in 0..1000 of each side)."""
     out = tmp_path / "grounded.png"
-    model = [] if family == "qwen2_5_vl" else ["--model", str(qwen2_config_dir(tmp_path / "qwen2"))]
+    directories = {"qwen2_vl": qwen2_config_dir, "qwen3_vl": qwen3_config_dir}
+    model = [] if family == "qwen2_5_vl" else ["--model", str(directories[family](tmp_path / family))]
     demo.main(["--ground", *model, "--out", str(out)])
     printed = capsys.readouterr().out
     assert f"family {family}" in printed

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,6 +254,8 @@ def test_official_folder_converts_and_loads(pair, tmp_path):
     (official / "config.json").write_text((directory / "config.json").read_text())  # the official nested config
     written = convert_checkpoint.convert(str(official), str(tmp_path / "converted"))
     assert "family qwen3_vl" in written["config.json"]
+    shipped = (Path(convert_checkpoint.ROOT) / convert_checkpoint.QWEN3_CHAT_TEMPLATE).read_text()
+    assert (tmp_path / "converted" / "chat_template.jinja").read_text() == shipped  # the source had none
     converted = QwenVLForConditionalGeneration.from_pretrained(tmp_path / "converted").eval()
     inputs = video()
     expected = logits_of(reference, builtin_inputs(inputs))
