@@ -273,7 +273,7 @@ class QwenVLConfig(PretrainedConfig):
         sequential_positions=False,
         use_dynamic_ntk=False,
         use_logn_attn=False,
-        seq_length=2048,
+        seq_length=None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -310,7 +310,8 @@ class QwenVLConfig(PretrainedConfig):
         self.mlp_only_layers = list(mlp_only_layers)
         # Qwen-VL (2023): 1-D positions, every token one step further (M-RoPE with (i, i, i)); past `seq_length`
         # tokens, a prefill rotates with a larger base (dynamic NTK, kept while decoding) and queries are scaled
-        # by log_seq_length(position + 1) (logn); both at inference only.
+        # by log_seq_length(position + 1) (logn); both at inference only. seq_length is None for the other families:
+        # vLLM reads a seq_length as the length limit of any model.
         self.sequential_positions = sequential_positions
         self.use_dynamic_ntk = use_dynamic_ntk
         self.use_logn_attn = use_logn_attn
@@ -397,6 +398,8 @@ class QwenVLConfig(PretrainedConfig):
             "num_key_value_heads", "max_position_embeddings",
         )
         check_positive_finite("config", self, "rope_theta", "rms_norm_eps")
+        if self.use_dynamic_ntk or self.use_logn_attn:  # None elsewhere: engines read seq_length as a length limit
+            check_sizes("config", self, "seq_length")
         check_sizes("config", self, "head_dim")
         if self.num_experts:
             check_sizes("config", self, "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step")

@@ -322,3 +322,29 @@ def test_vllm_transformers_backend_is_refused():
     config._attn_implementation = "vllm"
     with torch.device("meta"), pytest.raises(ValueError, match="native Qwen3-VL"):
         QwenVLModel(config)
+
+
+def test_pipeline_on_a_qwen3_folder(tmp_path):
+    """A Qwen3-VL folder as a converted checkpoint holds it (model, the real tokenizer, the official preprocessor
+    settings, the Qwen3 chat template) answers through pipeline("image-text-to-text") what generate() gives."""
+    from PIL import Image
+    from test_qwen3_vl_processor import qwen3_folder
+    from tiny_qwen3 import TEXT, VISION
+
+    torch.manual_seed(0)
+    text = dict(TEXT, vocab_size=151936, model_type="qwen3_vl_text")  # the real tokenizer's ids
+    config = QwenVLConfig(text_config=text, vision_config=dict(VISION, model_type="qwen3_vl"))
+    assert config.family == "qwen3_vl" and config.image_token_id == 151655
+    folder = qwen3_folder(tmp_path)
+    QwenVLForConditionalGeneration(config).save_pretrained(folder)
+    pipe = transformers.pipeline("image-text-to-text", model=str(folder), trust_remote_code=True)
+    picture = Image.new("RGB", (96, 64), "red")
+    messages = [{"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "Red?"}]}]
+    out = pipe(text=messages, max_new_tokens=4, generate_kwargs={"do_sample": False}, return_full_text=False)
+    inputs = pipe.processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        tokens = pipe.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    expected = pipe.processor.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+    assert out[0]["generated_text"] == expected
