@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 from configuration_qwenvl import QwenVLConfig
 from modeling_qwenvl import QwenVLForConditionalGeneration, QwenVLModel, get_rope_index, mrope_axes
 from official_configs_qwen3 import OFFICIAL_QWEN3_CONFIGS, PARAMETER_COUNTS
+from test_portable import hub  # noqa: F401  (the recording stand-in for the Hub)
 from tiny_qwen3 import (
     VIDEO, VISION_END, VISION_START, builtin_inputs, left_pad, mm_token_types, pixels, reference_model, sequence,
 )
@@ -324,9 +325,10 @@ def test_vllm_transformers_backend_is_refused():
         QwenVLModel(config)
 
 
-def test_pipeline_on_a_qwen3_folder(tmp_path):
+def test_pipeline_and_push_of_a_qwen3_folder(tmp_path, hub, monkeypatch):
     """A Qwen3-VL folder as a converted checkpoint holds it (model, the real tokenizer, the official preprocessor
-    settings, the Qwen3 chat template) answers through pipeline("image-text-to-text") what generate() gives."""
+    settings, the Qwen3 chat template) answers through pipeline("image-text-to-text") what generate() gives, and
+    push_to_hub (to a recording stand-in for the Hub) uploads the model and processor files."""
     from PIL import Image
     from test_qwen3_vl_processor import qwen3_folder
     from tiny_qwen3 import TEXT, VISION
@@ -348,3 +350,8 @@ def test_pipeline_on_a_qwen3_folder(tmp_path):
         tokens = pipe.model.generate(**inputs, max_new_tokens=4, do_sample=False)
     expected = pipe.processor.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
     assert out[0]["generated_text"] == expected
+    monkeypatch.chdir(tmp_path)
+    pipe.model.push_to_hub("someone/tiny-qwen3-vl")
+    pipe.processor.push_to_hub("someone/tiny-qwen3-vl")
+    uploaded = {name for commit in hub.commits for name in commit.files}
+    assert {"model.safetensors", "config.json", "modeling_qwenvl.py", "processing_qwenvl.py", "tokenizer.json"} <= uploaded
