@@ -131,25 +131,30 @@ def _timed(fn):
 # --- peak memory, one fresh process per measurement -------------------------------------------
 
 
-def peak_memory_child(directory, which, implementation):
-    """Runs in a subprocess: the peak RSS increase (bytes) of one 1344 px vision forward."""
+def peak_memory_child(directory, which, implementation, family):
+    """Runs in a subprocess: the peak RSS increase (bytes) of one 1344 px vision forward (family "qwen2_5" or
+    "qwen3": which built-in class, and which patch size)."""
     import transformers
 
     from modeling_qwenvl import QwenVLForConditionalGeneration
 
+    builtin_class, pixels_of, warm_side = {
+        "qwen2_5": ("Qwen2_5_VLForConditionalGeneration", still_image_pixels, 56),
+        "qwen3": ("Qwen3VLForConditionalGeneration", qwen3_pixels, 64),
+    }[family]
     torch.set_num_threads(2)
     if which == "ours":
         model = QwenVLForConditionalGeneration.from_pretrained(directory).eval()
         model.model.visual.config._attn_implementation = implementation
         run = lambda p, g: model.model.visual(p, g)  # noqa: E731
     else:
-        model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model = getattr(transformers, builtin_class).from_pretrained(
             directory, attn_implementation=implementation
         ).eval()
         run = lambda p, g: model.model.visual(p, grid_thw=g)  # noqa: E731
-    pixels, grid = still_image_pixels(1344, 1344)
+    pixels, grid = pixels_of(1344, 1344)
     with torch.no_grad():
-        run(*still_image_pixels(56, 56))
+        run(*pixels_of(warm_side, warm_side))
         baseline = _rss()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
@@ -169,10 +174,10 @@ def _rss():
     return _vm("VmRSS")
 
 
-def peak_memory(directory, which, implementation):
+def peak_memory(directory, which, implementation, family="qwen2_5"):
     code = (
         f"import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r});"
-        f"import run; run.peak_memory_child({str(directory)!r}, {which!r}, {implementation!r})"
+        f"import run; run.peak_memory_child({str(directory)!r}, {which!r}, {implementation!r}, {family!r})"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_increase"]
@@ -320,41 +325,6 @@ def qwen3_prefill_case(builtin, ours, repetitions):
         return compare(lambda: builtin(**inputs, **extra), lambda: ours(**inputs), repetitions)
 
 
-def qwen3_peak_memory_child(directory, which, implementation):
-    """Runs in a subprocess: the peak RSS increase (bytes) of one 1344 px Qwen3-VL vision forward."""
-    import transformers
-
-    from modeling_qwenvl import QwenVLForConditionalGeneration
-
-    torch.set_num_threads(2)
-    if which == "ours":
-        model = QwenVLForConditionalGeneration.from_pretrained(directory).eval()
-        model.model.visual.config._attn_implementation = implementation
-        run = lambda p, g: model.model.visual(p, g)  # noqa: E731
-    else:
-        model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
-            directory, attn_implementation=implementation
-        ).eval()
-        run = lambda p, g: model.model.visual(p, grid_thw=g)  # noqa: E731
-    pixels, grid = qwen3_pixels(1344, 1344)
-    with torch.no_grad():
-        run(*qwen3_pixels(64, 64))
-        baseline = _rss()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-        run(pixels, grid)
-    print(json.dumps({"peak_increase": _vm("VmHWM") - baseline}))
-
-
-def qwen3_peak_memory(directory, which, implementation):
-    code = (
-        f"import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r});"
-        f"import run; run.qwen3_peak_memory_child({str(directory)!r}, {which!r}, {implementation!r})"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_increase"]
-
-
 def qwen3_cases(record, repetitions):
     """The Qwen3-VL lines: vision at 1344 px and on sixteen 256 px images, MoE prefill, eager peak memory."""
     with tempfile.TemporaryDirectory() as directory:
@@ -364,8 +334,8 @@ def qwen3_cases(record, repetitions):
         b, o = qwen3_vision_case(builtin, ours, *qwen3_pixels(256, 256, count=16), repetitions)
         record("qwen3 vision 16 x 256 px images", b, o, "s", "qwen3_vision_multi_image_speedup")
         del builtin, ours
-        builtin_sdpa = qwen3_peak_memory(directory, "builtin", "sdpa")
-        ours_eager = qwen3_peak_memory(directory, "ours", "eager")
+        builtin_sdpa = peak_memory(directory, "builtin", "sdpa", "qwen3")
+        ours_eager = peak_memory(directory, "ours", "eager", "qwen3")
         record("qwen3 peak memory 1344 px, ours eager", builtin_sdpa / 2**20, ours_eager / 2**20, "MiB",
                "qwen3_vision_eager_1344_peak_mem_ratio", ratio=ours_eager / builtin_sdpa)
     with tempfile.TemporaryDirectory() as directory:
