@@ -290,29 +290,86 @@ def vision_rotary_tables(config, grid_thw, device):
     return angles.cos(), angles.sin()
 
 
+def float32(value):
+    """A Python number rounded to float32 (and back to a Python float)."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+def cubic_weights(t, a=-0.75):
+    """Keys' cubic convolution (F.interpolate's, A = -0.75): the weights of the taps at offsets -1, 0, 1, 2 from the
+    table position before each point, which lies t ([n, 1], in [0, 1)) past it. -> [n, 4]"""
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return torch.cat([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=1)
+
+
+def interpolation_taps(size, side, interpolation):
+    """Which rows of a `side`-row table each of `size` output positions reads, and with what weights, along one
+    axis: F.interpolate's rule for the mode, clamped at the edges. -> ([size, K] int64, [size, K] float32); K = 4 or 2"""
+    out = torch.arange(size, dtype=torch.float64)
+    # F.interpolate's kernel holds the scale in float32 and rounds each source position once (a fused multiply-add):
+    # done the same way here, the resized table stays within a few float32 rounding steps of F.interpolate's.
+    if interpolation == "bicubic":  # align_corners=False
+        source = ((out + 0.5) * float32(side / size) - 0.5).float()
+        offsets = torch.arange(-1, 3)
+    else:  # "bilinear_align_corners": output position i reads table position i * (side - 1) / (size - 1)
+        source = (out * float32((side - 1) / max(size - 1, 1))).float()
+        offsets = torch.arange(2)
+    first = source.floor()
+    t = (source - first)[:, None]
+    weights = cubic_weights(t) if interpolation == "bicubic" else torch.cat([1 - t, t], dim=1)
+    return (first.long()[:, None] + offsets).clamp(0, side - 1), weights
+
+
+def grid_taps(side, height, width, interpolation):
+    """The 2-D taps of a side x side table resized to height x width: every (row tap, column tap) pair, its weight
+    their product. -> ([h, w, K*K] int64 into the flattened table, [h, w, K*K] float32)"""
+    rows, row_weights = interpolation_taps(height, side, interpolation)
+    cols, col_weights = interpolation_taps(width, side, interpolation)
+    index = rows[:, None, :, None] * side + cols[None, :, None, :]  # [h, w, K, K]
+    weights = row_weights[:, None, :, None] * col_weights[None, :, None, :]
+    return index.flatten(2), weights.flatten(2)
+
+
+def table_rows(table, taps):
+    """Rows of a square position table ([S*S, C] or [S, S, C]) read at `taps` ([..., K] index and weight), each a
+    weighted sum of K entries, in float32: one gather instead of an image resize (and no reordering after). -> [..., C]"""
+    index, weights = taps
+    flat = table.float().reshape(-1, table.shape[-1])
+    index, weights = index.to(flat.device), weights.to(flat.device)
+    rows = F.embedding_bag(index.reshape(-1, index.shape[-1]), flat, per_sample_weights=weights.reshape(-1, weights.shape[-1]), mode="sum")
+    return rows.view(*index.shape[:-1], -1)
+
+
 def resize_table(table, height, width, interpolation="bicubic"):
-    """A square position table ([S*S, C] or [S, S, C]) resized to a height x width grid, in float32. -> [h, w, C]
+    """A square position table resized to a height x width grid, in float32, as F.interpolate would. -> [h, w, C]
 
     "bicubic" is F.interpolate's (Qwen-VL 2023, Kimi-VL); "bilinear_align_corners" puts patch row r at table row
     r * (S - 1) / (height - 1), as Qwen3-VL does."""
     side = math.isqrt(table[..., 0].numel())
-    grid = table.float().view(side, side, -1)
-    if (side, side) == (height, width):
-        return grid
-    mode, align_corners = ("bicubic", False) if interpolation == "bicubic" else ("bilinear", True)
-    resized = F.interpolate(grid.permute(2, 0, 1)[None], size=(height, width), mode=mode, align_corners=align_corners)
-    return resized[0].permute(1, 2, 0)
+    return table_rows(table, grid_taps(side, height, width, interpolation))
+
+
+def position_taps(config, grid_thw):
+    """The taps of the learned position table for every patch of every frame, in the patches' order (merge order:
+    each merge x merge block contiguous). -> ([N, K] int64, [N, K] float32)"""
+    merge, side = config.spatial_merge_size, math.isqrt(config.num_position_embeddings)
+    index, weights = [], []
+    for t, h, w in grid_thw.tolist():
+        for taps, out in zip(grid_taps(side, h, w, config.position_interpolation), (index, weights)):
+            taps = taps.view(h // merge, merge, w // merge, merge, -1).transpose(1, 2).reshape(h * w, -1)
+            out.append(taps.repeat(t, 1))
+    return torch.cat(index), torch.cat(weights)
 
 
 def resized_position_table(config, table, grid_thw):
-    """The learned position table resized to every frame's patch grid, one row per patch in the patches' order
-    (merge order: each merge x merge block contiguous). -> [N, C] float32"""
-    merge, rows = config.spatial_merge_size, []
-    for t, h, w in grid_thw.tolist():
-        grid = resize_table(table, h, w, config.position_interpolation)
-        grid = grid.view(h // merge, merge, w // merge, merge, -1).transpose(1, 2).reshape(h * w, -1)
-        rows.append(grid.repeat(t, 1))
-    return torch.cat(rows)
+    """The learned position table resized to every frame's patch grid, one row per patch in merge order. -> [N, C]"""
+    return table_rows(table, position_taps(config, grid_thw))
 
 
 def get_window_index(grid_thw, window_size, spatial_merge_size, patch_size):
@@ -449,14 +506,21 @@ def segment_slices(cu_seqlens, max_rows, device):
 EAGER_SCORE_BUDGET = 1 << 22  # 16 MiB of float32 scores
 
 
+# SDPA's CPU kernel reads the keys and values once per block of queries: for a long segment, rows strided through
+# q/k/v (each a third of a fused qkv row) then cost more than copying them into place first (15% faster at 9216
+# rows, even at 4096, 13% slower at 1024).
+CONTIGUOUS_SEGMENT_ROWS = 4096
+
+
 def segment_attention(q, k, v, count, length, implementation):
     """Bidirectional attention within each of `count` consecutive segments of `length` rows. q, k, v: [count*length, H, D].
 
     "eager" runs the softmax written out; any other name ("sdpa", or a backend registered for the decoder, such as
     vLLM's "vllm", which serves causal attention over its own KV cache and not packed segments) runs torch's
     scaled_dot_product_attention, each segment as one batch entry."""
-    # [count, H, length, D]: each segment is one batch entry
-    qs, ks, vs = (x.view(count, length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+    qs, ks, vs = (x.view(count, length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))  # [count, H, length, D]
+    if length >= CONTIGUOUS_SEGMENT_ROWS and q.device.type == "cpu":
+        qs, ks, vs = qs.contiguous(), ks.contiguous(), vs.contiguous()
     if implementation == "eager":
         out = eager_segment_attention(qs, ks, vs, q.shape[-1] ** -0.5)
     else:
@@ -519,6 +583,7 @@ class GridPlan:
     window_index: torch.Tensor | None = None  # [M] merged-token order of the blocks
     inverse_index: torch.Tensor | None = None  # [M] back to raster order
     merge_index: torch.Tensor | None = None  # [N] raster-ordered pixel rows into merge order (MoonViT)
+    position_taps: tuple | None = None  # ([N, K], [N, K]) where each patch reads the learned position table
 
 
 def plan_grids(config, grid_thw, device):
@@ -527,6 +592,8 @@ def plan_grids(config, grid_thw, device):
     plan = GridPlan(cos, sin, segment_slices(frame_seqlens(grid_thw), max_rows, device))
     if config.patch_order == "raster":
         plan.merge_index = raster_to_merge_index(grid_thw, config.spatial_merge_size).to(device)
+    if config.num_position_embeddings is not None:
+        plan.position_taps = tuple(taps.to(device) for taps in position_taps(config, grid_thw))
     if config.uses_window_attention:
         window_index, cu_window_seqlens = get_window_index(
             grid_thw, config.window_size, config.spatial_merge_size, config.patch_size
@@ -765,7 +832,7 @@ class QwenVLVisionModel(QwenVLPreTrainedModel):
         if plan.merge_index is not None:  # MoonViT's pixels come in raster order
             x = x[plan.merge_index]
         if self.config.num_position_embeddings is not None:
-            x = x + resized_position_table(self.config, self.pos_embed.weight, grid_thw).to(x.dtype)
+            x = x + table_rows(self.pos_embed.weight, plan.position_taps).to(x.dtype)
         if self.config.pre_norm:
             x = self.ln_pre(x)
         if plan.window_index is not None:

@@ -142,6 +142,22 @@ def test_eager_attention_in_query_chunks_equals_sdpa(pair, monkeypatch):
     assert (eager - sdpa).abs().max() < 1e-5
 
 
+def test_long_segments_attend_from_contiguous_copies_with_the_same_result(pair, monkeypatch):
+    """Segments of CONTIGUOUS_SEGMENT_ROWS rows or more are copied into SDPA's layout first (faster on the CPU)."""
+    _, ours = pair
+    pixel_values, grid = pixels((1, 28, 20), (2, 8, 8))
+    visual = ours.model.visual
+    with torch.no_grad():
+        strided = visual(pixel_values, grid)
+        copies = []
+        real_contiguous = torch.Tensor.contiguous
+        monkeypatch.setattr(modeling_qwenvl, "CONTIGUOUS_SEGMENT_ROWS", 64)  # the frames (560 and 64 rows), not windows
+        monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(t.shape) or real_contiguous(t, *a, **k))
+        copied = visual(pixel_values, grid)
+    assert copies and all(shape[2] >= 64 for shape in copies)
+    assert (copied - strided).abs().max() < 1e-6
+
+
 def test_grid_plans_are_computed_once_per_shape(pair, monkeypatch):
     _, ours = pair
     visual = ours.model.visual

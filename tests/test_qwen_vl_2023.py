@@ -33,6 +33,9 @@ GOLDEN = Path(__file__).parent / "golden" / "qwen_vl_2023"
 IMG, END, PAD = 151857, 151858, 151859
 STOP = [151643, 151645, 151644]  # <|endoftext|>, and the original's stop words <|im_end|>, <|im_start|>
 ATOL = 2e-5
+# The resized position tables: ours is one weighted gather of 16 taps, F.interpolate's two passes of 4 taps, so the
+# float32 roundings differ (a few ulp of entries near 4).
+RESIZE_ATOL = 5e-6
 
 
 @pytest.fixture(scope="module")
@@ -160,12 +163,12 @@ def test_vision_tower_and_resampler(model, golden):
         out = visual(rows, grid)
     for hook in hooks:
         hook.remove()
-    assert max_diff(resize_table(visual.pos_embed.weight, 18, 18).flatten(0, 1), golden["vit_pos_embed_interpolated"]) < 1e-6
+    assert max_diff(resize_table(visual.pos_embed.weight, 18, 18).flatten(0, 1), golden["vit_pos_embed_interpolated"]) < RESIZE_ATOL
     assert max_diff(seen["ln_pre_in"].view(2, 324, -1), golden["vision_ln_pre_in"]) < ATOL
     assert max_diff(seen["blocks_out"].view(2, 324, -1), golden["vision_blocks_out"]) < ATOL
     assert torch.equal(visual.merger.pos_embed, golden["resampler_query_pos_embed"])
     assert max_diff(sincos_table(256, 16), golden["resampler_query_pos_embed"]) < 1e-6  # our table is the original's
-    assert max_diff(resize_table(visual.merger.pos_embed, 18, 18).flatten(0, 1), golden["resampler_key_pos_embed"]) < 1e-6
+    assert max_diff(resize_table(visual.merger.pos_embed, 18, 18).flatten(0, 1), golden["resampler_key_pos_embed"]) < RESIZE_ATOL
     assert max_diff(seen["resampler_out"].view(2, 256, -1), golden["resampler_out"]) < ATOL
     assert max_diff(out.view(2, 256, -1), golden["vision_out"]) < ATOL
 
