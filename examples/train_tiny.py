@@ -74,15 +74,24 @@ class Encoder:
     def __init__(self, processor):
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.templates = {kind: self._template(kind) for kind in ("image", "video")}
         self.layouts = {kind: self._layout(kind) for kind in ("image", "video")}
 
-    def prompt(self, example):
+    def rendered_prompt(self, example):
         return self.processor.apply_chat_template(tasks.messages(example, None), add_generation_prompt=True, tokenize=False)
 
-    def _layout(self, kind):
+    def prompt(self, example):
+        """rendered_prompt's text without rendering the template again (`check` proves them equal)."""
+        before, after = self.templates["video" if example.is_video else "image"]
+        return before + example.question + after
+
+    def _template(self, kind):  # the prompt's text before and after the question
         marker = "QUESTION"
         probe = tasks.Example("probe", marker, "", motion=("left", (0, 0)) if kind == "video" else None)
-        before, after = self.prompt(probe).split(marker)
+        return self.rendered_prompt(probe).split(marker)
+
+    def _layout(self, kind):
+        before, after = self.templates[kind]
         pad = f"<|{kind}_pad|>"
         head, tail = before.split(pad)
         return self.tokenizer(head)["input_ids"], self.tokenizer.convert_tokens_to_ids(pad), tail, after
@@ -110,6 +119,7 @@ class Encoder:
         for example in examples:
             visual = tasks.render(example)
             media = {"videos": [visual], "fps": DEFAULT_FPS} if example.is_video else {"images": [visual]}
+            assert self.prompt(example) == self.rendered_prompt(example), example
             reference = self.processor(text=[self.prompt(example)], return_tensors="pt", **media)
             ours = self(example)
             n_prompt = ours["labels"].count(-100)
