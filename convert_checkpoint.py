@@ -76,6 +76,14 @@ IMAGE_PROCESSOR_KEYS = (
     "min_pixels", "max_pixels", "size", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
     "image_std", "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb",
 )
+# What a source without preprocessor_config.json gets, per family: Qwen3-VL's official file (the same in every
+# checkpoint of the family), not our processor's Qwen2.5 defaults (14-px patches, CLIP's mean and std).
+FAMILY_PREPROCESSOR_DEFAULTS = {
+    "qwen3_vl": {
+        "size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    },
+}
 # os.link fails with these where the file system cannot hard-link (EXDEV: SRC and DST on different ones).
 NO_HARD_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
@@ -244,11 +252,15 @@ def chat_template_file(src, family):
     return ROOT, QWEN3_CHAT_TEMPLATE if family == "qwen3_vl" else "chat_template.jinja"
 
 
-def preprocessor_config(src):
-    """Our image processor's config, keeping the source's settings (min/max pixels above all)."""
+def preprocessor_config(src, family):
+    """Our image processor's config, keeping the source's settings (min/max pixels above all); without a source file,
+    the family's official settings."""
     path = os.path.join(src, "preprocessor_config.json")
-    official = read_json_object(path) if os.path.isfile(path) else {}
-    settings = {key: official[key] for key in IMAGE_PROCESSOR_KEYS if key in official}
+    if os.path.isfile(path):
+        official = read_json_object(path)
+        settings = {key: official[key] for key in IMAGE_PROCESSOR_KEYS if key in official}
+    else:
+        settings = dict(FAMILY_PREPROCESSOR_DEFAULTS.get(family, {}))
     try:
         processor = QwenVLImageProcessor(**settings)  # refuse now what the processor would refuse when loading
     except (TypeError, ValueError) as error:
@@ -319,10 +331,9 @@ def plan_conversion(src):
         generation_path = None
     if config.family == "kimi_vl":
         return Plan(config, shards, index, kimi_preprocessor_config(src), src, (None, None), generation_path)
-    return Plan(
-        config, shards, index, preprocessor_config(src), tokenizer_directory(src), chat_template_file(src, config.family),
-        generation_path,
-    )
+    processor_config = preprocessor_config(src, config.family)
+    template = chat_template_file(src, config.family)
+    return Plan(config, shards, index, processor_config, tokenizer_directory(src), template, generation_path)
 
 
 def convert(src, dst, copy=False):

@@ -260,6 +260,10 @@ def test_official_folder_converts_and_loads(pair, tmp_path):
     assert "family qwen3_vl" in written["config.json"]
     shipped = (Path(convert_checkpoint.ROOT) / convert_checkpoint.QWEN3_CHAT_TEMPLATE).read_text()
     assert (tmp_path / "converted" / "chat_template.jinja").read_text() == shipped  # the source had none
+    # nor a preprocessor_config.json: the converted folder gets Qwen3-VL's official settings, not Qwen2.5's
+    processor = json.loads((tmp_path / "converted" / "preprocessor_config.json").read_text())
+    assert (processor["patch_size"], processor["merge_size"], processor["image_mean"]) == (16, 2, [0.5, 0.5, 0.5])
+    assert (processor["min_pixels"], processor["max_pixels"]) == (65536, 16777216)
     converted = QwenVLForConditionalGeneration.from_pretrained(tmp_path / "converted").eval()
     inputs = video()
     expected = logits_of(reference, builtin_inputs(inputs))
