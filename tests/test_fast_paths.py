@@ -4,6 +4,7 @@ embedding of still images, query-chunked eager attention, and grid plans cached 
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import modeling_qwenvl
 from modeling_qwenvl import QwenVLForConditionalGeneration, chunks_of_frames, segment_runs
@@ -252,3 +253,22 @@ def test_sdpa_takes_torch_varlen_kernel_only_on_cuda_half_precision_and_fragment
     assert varlen_kernel("sdpa", SimpleNamespace(is_cuda=True, dtype=torch.float32), fragmented) is None
     assert varlen_kernel("sdpa", SimpleNamespace(is_cuda=False, dtype=torch.bfloat16), fragmented) is None
     assert varlen_kernel("eager", cuda_bf16, fragmented) is None
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear_align_corners"])
+def test_position_tables_resize_as_f_interpolate_values_and_gradients(mode):
+    """resize_table is a weighted gather over taps (one F.embedding_bag), not F.interpolate: the same table and the
+    same gradient for the learned table, within float32 rounding, growing, shrinking and keeping the size."""
+    torch_mode, align_corners = ("bicubic", False) if mode == "bicubic" else ("bilinear", True)
+    generator = torch.Generator().manual_seed(0)
+    for side, height, width in ((16, 20, 12), (16, 7, 30), (16, 16, 16), (8, 1, 5)):
+        table = torch.randn(side, side, 8, generator=generator, requires_grad=True)
+        upstream = torch.randn(height, width, 8, generator=generator)
+        ours = modeling_qwenvl.resize_table(table, height, width, mode)
+        (ours * upstream).sum().backward()
+        our_grad, table.grad = table.grad, None
+        expected = F.interpolate(table.permute(2, 0, 1)[None], size=(height, width), mode=torch_mode,
+                                 align_corners=align_corners)[0].permute(1, 2, 0)
+        (expected * upstream).sum().backward()
+        assert (ours - expected).abs().max() < 5e-6
+        assert (our_grad - table.grad).abs().max() < 5e-6
