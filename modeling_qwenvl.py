@@ -1981,20 +1981,16 @@ HUB_KEY_MAPPING = {
 # Prefixed with `model.` or not (QwenVLModel strips it); transformers 5 takes one group per pattern.
 QWEN3_MERGERS = r"^((?:model\.)?visual\.(?:merger|deepstack_merger_list\.\d+)\.)"
 QWEN3_VISION_MLP = r"^((?:model\.)?visual\.blocks\.\d+\.mlp\.)"
-QWEN3_KEY_MAPPING = {
-    QWEN3_VISION_MLP + r"linear_fc1\.": r"\1fc1.",
-    QWEN3_VISION_MLP + r"linear_fc2\.": r"\1fc2.",
-    QWEN3_MERGERS + r"norm\.": r"\1ln_q.",
-    QWEN3_MERGERS + r"linear_fc1\.": r"\1mlp.0.",
-    QWEN3_MERGERS + r"linear_fc2\.": r"\1mlp.2.",
-}
-QWEN3_HUB_NAMES = {
-    QWEN3_VISION_MLP + r"fc1\.": r"\1linear_fc1.",
-    QWEN3_VISION_MLP + r"fc2\.": r"\1linear_fc2.",
-    QWEN3_MERGERS + r"ln_q\.": r"\1norm.",
-    QWEN3_MERGERS + r"mlp\.0\.": r"\1linear_fc1.",
-    QWEN3_MERGERS + r"mlp\.2\.": r"\1linear_fc2.",
-}
+# (hub name, our name) after each prefix; read with QWEN3_KEY_MAPPING, written back with QWEN3_HUB_NAMES.
+QWEN3_RENAMES = (
+    (QWEN3_VISION_MLP, "linear_fc1", "fc1"),
+    (QWEN3_VISION_MLP, "linear_fc2", "fc2"),
+    (QWEN3_MERGERS, "norm", "ln_q"),
+    (QWEN3_MERGERS, "linear_fc1", "mlp.0"),
+    (QWEN3_MERGERS, "linear_fc2", "mlp.2"),
+)
+QWEN3_KEY_MAPPING = {prefix + re.escape(hub) + r"\.": rf"\1{ours}." for prefix, hub, ours in QWEN3_RENAMES}
+QWEN3_HUB_NAMES = {prefix + re.escape(ours) + r"\.": rf"\1{hub}." for prefix, hub, ours in QWEN3_RENAMES}
 
 
 def qwen3_hub_state_dict(state_dict):

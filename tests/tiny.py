@@ -71,11 +71,11 @@ def sequence(*parts, merge=2):
     return ids
 
 
-def pixels(*grids, seed=0):
-    """Random pixel rows for items with the given (t, h, w) grids."""
+def pixels(*grids, seed=0, row=PATCH_ROW):
+    """Random pixel rows (`row` wide) for items with the given (t, h, w) grids."""
     g = torch.Generator().manual_seed(seed)
     rows = sum(t * h * w for t, h, w in grids)
-    return torch.randn(rows, PATCH_ROW, generator=g), torch.tensor(grids, dtype=torch.long)
+    return torch.randn(rows, row, generator=g), torch.tensor(grids, dtype=torch.long)
 
 
 def left_pad(sequences, pad=PAD):

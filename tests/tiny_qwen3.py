@@ -4,8 +4,10 @@ layout the Qwen code writes for them (videos: `<t seconds>` text before each tem
 import torch
 import transformers
 
+import tiny
+from tiny import IMAGE, PAD, VIDEO, VISION_END, VISION_START, left_pad  # noqa: F401 (the same ids as the Qwen2.5 ones)
+
 VOCAB = 320
-PAD, IMAGE, VIDEO, VISION_START, VISION_END = 0, 300, 301, 302, 303
 TOKEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
 PATCH_ROW = 3 * 2 * 16 * 16
 
@@ -80,13 +82,4 @@ def sequence(*parts, merge=2):
 
 
 def pixels(*grids, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = sum(t * h * w for t, h, w in grids)
-    return torch.randn(rows, PATCH_ROW, generator=g), torch.tensor(grids, dtype=torch.long)
-
-
-def left_pad(sequences, pad=PAD):
-    length = max(len(s) for s in sequences)
-    ids = torch.tensor([[pad] * (length - len(s)) + s for s in sequences])
-    mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences])
-    return ids, mask
+    return tiny.pixels(*grids, seed=seed, row=PATCH_ROW)
