@@ -272,3 +272,31 @@ def test_position_tables_resize_as_f_interpolate_values_and_gradients(mode):
         (expected * upstream).sum().backward()
         assert (ours - expected).abs().max() < 5e-6
         assert (our_grad - table.grad).abs().max() < 5e-6
+
+
+@pytest.mark.parametrize("rows, fused", [(1, True), (4, True), (5, False)])
+def test_compiled_decoding_head_is_a_fused_multiply_and_sum_for_a_few_rows(rows, fused):
+    """The head's logits under torch.compile on the CPU: up to FUSED_HEAD_ROWS rows as multiply-and-sum (one pass
+    over the weight for inductor), more rows through the linear layer; the same logits either way."""
+    head = torch.nn.Linear(32, 300, bias=False)
+    hidden = torch.randn(rows, 1, 32)
+    graphs = []
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(graph.code)
+        return graph.forward
+
+    logits = torch.compile(modeling_qwenvl.vocabulary_logits, backend=recording_backend, fullgraph=True)(head, hidden)
+    torch.testing.assert_close(logits, head(hidden), rtol=0, atol=1e-5)
+    assert ("linear" not in graphs[0]) == fused
+    assert modeling_qwenvl.vocabulary_logits(head, hidden).equal(head(hidden))  # eager: always the layer
+
+
+def test_a_quantized_head_keeps_its_own_kernel_when_compiled():
+    class QuantizedLinear(torch.nn.Linear):  # stands in for bitsandbytes' Linear8bitLt and Linear4bit
+        pass
+
+    head, graphs = QuantizedLinear(32, 300, bias=False), []
+    torch.compile(modeling_qwenvl.vocabulary_logits, backend=lambda graph, _: graphs.append(graph.code) or graph.forward,
+                  fullgraph=True)(head, torch.randn(1, 1, 32))
+    assert "linear" in graphs[0]
