@@ -510,7 +510,8 @@ EAGER_SCORE_BUDGET = 1 << 22  # 16 MiB of float32 scores
 
 # SDPA's CPU kernel reads the keys and values once per block of queries: for a long segment, rows strided through
 # q/k/v (each a third of a fused qkv row) then cost more than copying them into place first. Measured: the copy
-# makes attention 15% faster at 9216 rows, breaks even at 4096 and is 13% slower at 1024.
+# makes attention 15% faster at 9216 rows, breaks even at 4096 and is 13% slower at 1024. Eager attention's
+# matmuls take the strided rows as they are, so it gets no copies.
 CONTIGUOUS_SEGMENT_ROWS = 4096
 
 
@@ -521,11 +522,11 @@ def segment_attention(q, k, v, count, length, implementation):
     vLLM's "vllm", which serves causal attention over its own KV cache and not packed segments) runs torch's
     scaled_dot_product_attention, each segment as one batch entry."""
     qs, ks, vs = (x.view(count, length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))  # [count, H, length, D]
-    if length >= CONTIGUOUS_SEGMENT_ROWS and q.device.type == "cpu":
-        qs, ks, vs = qs.contiguous(), ks.contiguous(), vs.contiguous()
     if implementation == "eager":
         out = eager_segment_attention(qs, ks, vs, q.shape[-1] ** -0.5)
     else:
+        if length >= CONTIGUOUS_SEGMENT_ROWS and q.device.type == "cpu":
+            qs, ks, vs = qs.contiguous(), ks.contiguous(), vs.contiguous()
         out = F.scaled_dot_product_attention(qs, ks, vs)
     return out.transpose(1, 2).reshape(q.shape)
 
