@@ -1,6 +1,7 @@
 """The shortcuts that make the model fast give the same results as the plain computation:
 labelled-only logits, chunked vision encoding, vision blocks in row slices, the folded patch
-embedding of still images, query-chunked eager attention, and grid plans cached per shape."""
+embedding of still images, query-chunked eager attention, grid plans cached per shape, position
+tables resized by one gather, and the compiled decoding head."""
 
 import pytest
 import torch
@@ -274,12 +275,8 @@ def test_position_tables_resize_as_f_interpolate_values_and_gradients(mode):
         assert (our_grad - table.grad).abs().max() < 5e-6
 
 
-@pytest.mark.parametrize("rows, fused", [(1, True), (4, True), (5, False)])
-def test_compiled_decoding_head_is_a_fused_multiply_and_sum_for_a_few_rows(rows, fused):
-    """The head's logits under torch.compile on the CPU: up to FUSED_HEAD_ROWS rows as multiply-and-sum (one pass
-    over the weight for inductor), more rows through the linear layer; the same logits either way."""
-    head = torch.nn.Linear(32, 300, bias=False)
-    hidden = torch.randn(rows, 1, 32)
+def compiled_head(head, hidden):
+    """vocabulary_logits(head, hidden) under torch.compile: (logits, the code of the traced graph)."""
     graphs = []
 
     def recording_backend(graph, example_inputs):
@@ -287,8 +284,18 @@ def test_compiled_decoding_head_is_a_fused_multiply_and_sum_for_a_few_rows(rows,
         return graph.forward
 
     logits = torch.compile(modeling_qwenvl.vocabulary_logits, backend=recording_backend, fullgraph=True)(head, hidden)
+    return logits, graphs[0]
+
+
+@pytest.mark.parametrize("rows, fused", [(1, True), (4, True), (5, False)])
+def test_compiled_decoding_head_is_a_fused_multiply_and_sum_for_a_few_rows(rows, fused):
+    """The head's logits under torch.compile on the CPU: up to FUSED_HEAD_ROWS rows as multiply-and-sum (one pass
+    over the weight for inductor), more rows through the linear layer; the same logits either way."""
+    head = torch.nn.Linear(32, 300, bias=False)
+    hidden = torch.randn(rows, 1, 32)
+    logits, code = compiled_head(head, hidden)
     torch.testing.assert_close(logits, head(hidden), rtol=0, atol=1e-5)
-    assert ("linear" not in graphs[0]) == fused
+    assert ("linear" not in code) == fused
     assert modeling_qwenvl.vocabulary_logits(head, hidden).equal(head(hidden))  # eager: always the layer
 
 
@@ -296,7 +303,5 @@ def test_a_quantized_head_keeps_its_own_kernel_when_compiled():
     class QuantizedLinear(torch.nn.Linear):  # stands in for bitsandbytes' Linear8bitLt and Linear4bit
         pass
 
-    head, graphs = QuantizedLinear(32, 300, bias=False), []
-    torch.compile(modeling_qwenvl.vocabulary_logits, backend=lambda graph, _: graphs.append(graph.code) or graph.forward,
-                  fullgraph=True)(head, torch.randn(1, 1, 32))
-    assert "linear" in graphs[0]
+    _, code = compiled_head(QuantizedLinear(32, 300, bias=False), torch.randn(1, 1, 32))
+    assert "linear" in code
