@@ -2001,7 +2001,7 @@ HUB_KEY_MAPPING = {
 # Prefixed with `model.` or not (QwenVLModel strips it); transformers 5 takes one group per pattern.
 QWEN3_MERGERS = r"^((?:model\.)?visual\.(?:merger|deepstack_merger_list\.\d+)\.)"
 QWEN3_VISION_MLP = r"^((?:model\.)?visual\.blocks\.\d+\.mlp\.)"
-# (hub name, our name) after each prefix; read with QWEN3_KEY_MAPPING, written back with QWEN3_HUB_NAMES.
+# (prefix, hub name, our name): read with QWEN3_KEY_MAPPING, written back with QWEN3_HUB_NAMES.
 QWEN3_RENAMES = (
     (QWEN3_VISION_MLP, "linear_fc1", "fc1"),
     (QWEN3_VISION_MLP, "linear_fc2", "fc2"),
